@@ -1,0 +1,49 @@
+"""`stablerl` command line. Each subcommand lives in its own module with `add_arguments(p)` and `run(args) -> int`.
+
+Modules are imported only when their command runs, so `stablerl --help` stays instant and a missing optional
+dependency of one command never breaks the others. Errors a user can fix (bad config, bad data file) are
+`UserError`s: printed as one line naming the file/key, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stablerl.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("stablerl.commands.info", "build or load a model, report its size and run a forward pass"),
+    "config": ("stablerl.commands.config", "print the resolved config (defaults + YAML + overrides)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stablerl", description="Stable RL for dense and MoE language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    p = argparse.ArgumentParser(prog=f"stablerl {name}", description=COMMANDS[name][1])
+    module.add_arguments(p)
+    args = p.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, FileNotFoundError) as e:
+        # Input problems (ConfigError, DataError, missing files) carry one-line messages naming the file, line or key.
+        print(f"stablerl {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stablerl {name}: interrupted (checkpoints already written are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

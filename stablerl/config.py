@@ -1,0 +1,329 @@
+"""The one typed config: every hyperparameter of stablerl, its default and its allowed values, in one place.
+
+Loaded as defaults <- YAML file <- `key.sub=value` command-line overrides, validated field by field; an unknown
+key or a bad value raises `ConfigError` naming the file:line, the key, the value and what is allowed (with a
+closest-match suggestion for typos). The resolved config is written as `config.yaml` in each run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stablerl.errors import UserError
+
+Numerics = Literal["fp32", "bf16", "fp16", "fp8"]
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Inference engine (rollouts). Its numerics are the source of the training–inference discrepancy (E3)."""
+
+    numerics: Numerics = "bf16"  # weights/activations of the sampler; fp8 = e4m3 emulation
+    temperature: float = 1.0  # the paper samples at 1 with no truncation
+    top_p: float = 1.0  # 1 = no nucleus truncation; logp_old/logp use the same truncated support
+    top_k: int = 0  # 0 = no top-k truncation
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()  # stop strings (EOS always stops)
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """The objective (E4–E7). See docs/algorithms.md for each loss."""
+
+    loss: str = "minirl"  # a name in stablerl.algorithm's registry
+    adv_mode: Literal["mean", "mean_std", "loo"] = "mean"  # E4 group baseline
+    eps_low: float = 0.2  # E5 clip band on the staleness ratio r = π_θ/π_θold
+    eps_high: float = 0.28
+    is_rule: Literal["none", "truncate", "mask"] = "none"  # discrepancy-weight rule (TIS / MIS)
+    is_trunc: float = 2.0  # truncate cap c
+    is_low: float = 0.5  # mask band
+    is_high: float = 2.0
+    replay: Literal["none", "R2", "R3"] = "none"  # E7 Routing Replay (MoE only)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The RL loop (E8: B prompts x G samples per global step, split into N mini-batch updates)."""
+
+    steps: int = 40
+    batch_prompts: int = 16  # B
+    group_size: int = 8  # G
+    n_minibatches: int = 1  # N; 1 = on-policy
+    dtype: Literal["fp32", "bf16"] = "fp32"  # training-engine precision
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eval_every: int = 10  # held-out greedy accuracy every k steps (0 = only at the start and end)
+    fidelity_every: int = 10  # E9 first-order fidelity probe every k steps (0 = never)
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # abort after this many NaN/Inf steps in a row
+    samples_per_eval: int = 4  # prompts/completions written to samples.jsonl at each eval
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Cold-start supervised fine-tuning on solution traces (loss on response tokens only)."""
+
+    style: str = "long"  # trace style of the task: long | short | answer
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What to train and evaluate on: a built-in task or a dataset file."""
+
+    name: str = "arith"  # built-in task (stablerl.tasks)
+    data: str | None = None  # JSONL / Parquet / CSV file instead of a built-in task
+    heldout_data: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    n_train: int = 4096
+    n_heldout: int = 256
+    reward: str = "math"  # reward fn name or "package.module:function"
+    reward_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"  # run directory name under out_dir
+    out_dir: str = "runs"
+    seed: int = 0
+    model: str = "tiny-moe"  # preset name, checkpoint directory or hub id
+    init: str | None = None  # RL: start from this checkpoint (e.g. the cold-start SFT output) instead of `model`
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ---- loading and validation ----------------------------------------------------------------------------------
+
+
+def _allowed(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_allowed(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(tp, value, key: str, where: str):
+    """Check `value` against the annotation `tp`, converting what is unambiguous (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}{key}: got {value!r}, expected {_allowed(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        raise ConfigError(f"{bad}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key, where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}{key}: got {value!r}, expected a list of {len(args)}")
+        return tuple(_coerce(a, v, key, where) for a, v in zip(args, value))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _build(cls, data: dict, prefix: str, lines: dict[str, str]):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        where = lines.get(full, "")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
+            raise ConfigError(f"{where}unknown key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{full}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.", lines)
+        else:
+            kwargs[key] = _coerce(tp, value, full, where)
+    return cls(**kwargs)
+
+
+def _line_map(text: str, path: str) -> dict[str, str]:
+    """dotted key -> 'file:line: ' so errors point into the YAML."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out[key] = f"{path}:{k.start_mark.line + 1}: "
+                walk(v, key + ".")
+
+    walk(yaml.compose(text), "")
+    return out
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{p}' is not a section")
+        d = nxt
+    d[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """defaults (or `base`) <- YAML at `path` <- overrides like `algo.loss=minirl_no_is` (values parsed as YAML)."""
+    data: dict = dataclasses.asdict(base) if base is not None else {}
+    lines: dict[str, str] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{at}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        lines = _line_map(text, str(p))
+        _merge(data, loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. algo.loss=minirl")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+        lines[key.strip()] = "override "
+    cfg = _build(Config, data, "", lines)
+    validate(cfg)
+    return cfg
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: combinations that cannot work fail before any compute is spent."""
+    from stablerl.algorithm import LOSSES
+
+    if cfg.algo.loss not in LOSSES:
+        close = difflib.get_close_matches(cfg.algo.loss, list(LOSSES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"algo.loss: got {cfg.algo.loss!r}, expected one of {', '.join(LOSSES)}{hint}")
+    t = cfg.train
+    for key, v in (("train.steps", t.steps), ("train.batch_prompts", t.batch_prompts),
+                   ("train.group_size", t.group_size), ("train.n_minibatches", t.n_minibatches),
+                   ("engine.max_new_tokens", cfg.engine.max_new_tokens), ("sft.steps", cfg.sft.steps),
+                   ("sft.batch_size", cfg.sft.batch_size)):
+        if v < 1:
+            raise ConfigError(f"{key}: got {v}, expected >= 1")
+    if (t.batch_prompts * t.group_size) % t.n_minibatches:
+        raise ConfigError(f"train.n_minibatches: {t.n_minibatches} does not divide batch_prompts x group_size = "
+                          f"{t.batch_prompts * t.group_size} (E8 needs equal mini-batches)")
+    if not 0 < cfg.engine.top_p <= 1:
+        raise ConfigError(f"engine.top_p: got {cfg.engine.top_p}, expected 0 < top_p <= 1")
+    if cfg.engine.temperature < 0:
+        raise ConfigError(f"engine.temperature: got {cfg.engine.temperature}, expected >= 0")
+    if not (0 <= cfg.algo.eps_low < 1 and cfg.algo.eps_high >= 0):
+        raise ConfigError("algo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
+    if t.lr <= 0 or cfg.sft.lr <= 0:
+        raise ConfigError("train.lr / sft.lr: expected > 0")
+
+
+def check_replay(cfg: Config, is_moe: bool) -> None:
+    """R2/R3 replay experts: they need a MoE model (called once the model is loaded)."""
+    if cfg.algo.replay != "none" and not is_moe:
+        raise ConfigError(f"algo.replay: {cfg.algo.replay} needs a Mixture-of-Experts model; {cfg.model!r} is dense "
+                          "(use algo.replay=none)")
+
+
+def to_yaml(cfg: Config) -> str:
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        return x
+
+    return yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
