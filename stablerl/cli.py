@@ -15,8 +15,12 @@ from stablerl.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("stablerl.commands.quickstart", "cold-start SFT then RL on the default tiny MoE, with a summary"),
+    "train": ("stablerl.commands.train", "RL training from a YAML config plus key=value overrides"),
     "info": ("stablerl.commands.info", "build or load a model, report its size and run a forward pass"),
     "config": ("stablerl.commands.config", "print the resolved config (defaults + YAML + overrides)"),
+    "sft": ("stablerl.commands.sft", "cold-start supervised fine-tuning on a task's solution traces"),
+    "eval": ("stablerl.commands.eval", "greedy accuracy and mean@k on a held-out task split or data file"),
 }
 
 

@@ -1,0 +1,88 @@
+"""Diagnostics: pure functions (no grad, no state) that say whether the first-order approximation still holds.
+
+Each returns a flat dict with namespaced keys (`kl/`, `entropy/`, `route/`, `fidelity/`, ...); docs/metrics.md
+gives each one's formula, expected range and what a change means. They read tensors the trainer already has.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stablerl.algorithm import cosine, first_order_gradients
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def entropy(logp_full: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean entropy of the full sampling distribution over response tokens; logp_full (N, T, V)."""
+    p = logp_full.exp()
+    h = -(p * logp_full.masked_fill(p == 0, 0.0)).sum(-1)  # (N, T)
+    return {"entropy/mean": _masked_mean(h, mask)}
+
+
+@torch.no_grad()
+def train_inference_kl(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.Tensor,
+                       logp_full_train: torch.Tensor | None = None,
+                       logp_full_infer: torch.Tensor | None = None) -> dict[str, float]:
+    """KL(μ || π) between the inference engine μ (which sampled) and the trainer π on the sampled tokens (E3).
+
+    k1 = log μ − log π (unbiased, noisy, can be negative); k3 = (π/μ) − 1 − log(π/μ) (unbiased, ≥ 0, low variance).
+    With both full distributions (small vocabularies), the exact per-token KL as well.
+    """
+    log_ratio = (logp_train - logp_infer).masked_fill(~mask, 0.0)  # (N, T) log π/μ
+    out = {
+        "kl/k1": _masked_mean(-log_ratio, mask),
+        "kl/k3": _masked_mean(log_ratio.exp() - 1 - log_ratio, mask),
+        "kl/max_abs_log_ratio": float(log_ratio.abs().max()),
+    }
+    if logp_full_train is not None and logp_full_infer is not None:
+        p_mu = logp_full_infer.exp()
+        kl = (p_mu * (logp_full_infer - logp_full_train)).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)  # (N, T)
+        out["kl/exact"] = _masked_mean(kl, mask)
+    return out
+
+
+@torch.no_grad()
+def routing_agreement(a: torch.Tensor | None, b: torch.Tensor | None, token_mask: torch.Tensor,
+                      prefix: str) -> dict[str, float]:
+    """Fraction of tokens whose expert *set* is identical in `a` and `b`, per MoE layer; routes (N, S, L, K)."""
+    if a is None or b is None:
+        return {}
+    same = (a.sort(-1).values == b.sort(-1).values).all(-1).float()  # (N, S, L)
+    m = token_mask[..., None].float()
+    per_layer = (same * m).sum((0, 1)) / m.sum((0, 1)).clamp(min=1)  # (L,)
+    out = {f"{prefix}/layer{i}": float(v) for i, v in enumerate(per_layer)}
+    out[f"{prefix}/mean"] = float(per_layer.mean())
+    return out
+
+
+@torch.no_grad()
+def reward_stats(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:
+    """rewards (B, G); lengths (N,) response tokens; truncated (N,) bool, hit max_new_tokens."""
+    zero_std = (rewards.std(dim=1, unbiased=False) == 0).float()  # (B,) groups that give no signal under E4
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/accuracy": float((rewards >= 1).float().mean()),
+        "reward/zero_std_frac": float(zero_std.mean()),
+        "length/mean": float(lengths.float().mean()),
+        "length/max": float(lengths.max()),
+        "length/truncated_frac": float(truncated.float().mean()),
+    }
+
+
+def fidelity(logp: torch.Tensor, logp_infer: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+             params: list[torch.Tensor]) -> dict[str, float]:
+    """E9: cos(g_seq, g_tok) on a probe batch, with mean/max |log W_i| saying how far from first order it is.
+
+    `logp` (N, T) must carry the graph of the current policy; costs two backward passes over it.
+    """
+    g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params)
+    log_w = ((logp.detach() - logp_infer) * mask).sum(1)  # (N,) log W_i, the sequence IS weight
+    return {
+        "fidelity/cosine": cosine(g_seq, g_tok),
+        "fidelity/abs_log_W_mean": float(log_w.abs().mean()),
+        "fidelity/abs_log_W_max": float(log_w.abs().max()),
+    }

@@ -1,0 +1,112 @@
+"""Cold-start supervised fine-tuning on solution traces (loss on response tokens only).
+
+The cold start decides where RL begins (finding F5): each trace style of a task (`long`, `short`, `answer`) gives
+a different starting policy. Output: an HF-format checkpoint (config.json + model.safetensors + tokenizer.json)
+in `runs/<name>/model`, `metrics.jsonl`, and `sft.json` with the held-out accuracy measured at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from stablerl.config import Config, save_config
+from stablerl.data import Example
+from stablerl.engine import Engine
+from stablerl.errors import UserError
+from stablerl.evaluate import evaluate, load_eval_set
+from stablerl.metrics import MetricsWriter
+from stablerl.model import get_model
+from stablerl.sequences import pack, response_logp
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    checkpoint: Path
+    accuracy: float  # held-out greedy accuracy of the checkpoint
+    final_loss: float
+    seconds: float
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warmup then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_examples(cfg: Config) -> list[Example]:
+    from stablerl.data import load_examples
+    from stablerl.tasks import get_task
+
+    if cfg.task.data:
+        return load_examples(cfg.task.data, prompt_key=cfg.task.prompt_key, answer_key=cfg.task.answer_key)
+    return get_task(cfg.task.name).train(cfg.task.n_train, seed=0)
+
+
+def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
+    run_dir = cfg.run_dir()
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    model, tok = get_model(cfg.model, seed=cfg.seed)
+    examples = train_examples(cfg)
+    style = cfg.sft.style
+    missing = [i for i, e in enumerate(examples) if style not in e.traces]
+    if missing:
+        have = sorted(examples[missing[0]].traces) or ["none"]
+        raise UserError(f"sft.style: {len(missing)} training examples have no {style!r} trace "
+                        f"(example {missing[0]} has: {', '.join(have)})")
+    prompts = [tok.encode_prompt(e.prompt) for e in examples]
+    responses = [tok.encode(e.traces[style]) + [tok.eos_id] for e in examples]
+    model.to(DTYPES[cfg.sft.dtype]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    writer = MetricsWriter(run_dir, tensorboard=True)
+    s = cfg.sft
+    t0, tokens, loss_ema = time.perf_counter(), 0, None
+    progress = Progress(TextColumn("sft"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not show_progress)
+    with progress:
+        bar = progress.add_task("sft", total=s.steps, info="")
+        for step in range(s.steps):
+            idx = torch.randint(len(examples), (s.batch_size,), generator=gen).tolist()
+            batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], tok.pad_id)
+            lr = lr_at(step, s.lr, s.warmup_steps, s.steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logits = model(batch.ids).logits  # (N, S, V)
+            logp = response_logp(logits, batch)  # (N, T)
+            n_tok = int(batch.mask.sum())
+            loss = -(logp.sum() / n_tok)  # token-mean cross-entropy on response tokens only
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
+            opt.step()
+            tokens += int(batch.ids.ne(tok.pad_id).sum())
+            lv = float(loss)
+            loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
+            tps = tokens / (time.perf_counter() - t0)
+            writer.log(step, {"sft/loss": lv, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/tokens_per_s": tps})
+            progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s")
+    model.float().eval()
+    ckpt = run_dir / "model"
+    model.save(ckpt, tokenizer=tok)
+    engine = Engine(model, tok, numerics="fp32")
+    res = evaluate(engine, load_eval_set(cfg.task), cfg.engine.max_new_tokens, reward=cfg.task.reward,
+                   timeout=cfg.task.reward_timeout, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
+    writer.close()
+    summary = {"checkpoint": str(ckpt), "style": style, "heldout_accuracy": res.accuracy, "n_heldout": res.n,
+               "final_loss": loss_ema, "seconds": seconds, "samples": res.samples}
+    (run_dir / "sft.json").write_text(json.dumps(summary, indent=2))
+    return SFTResult(ckpt, res.accuracy, float(loss_ema), seconds)

@@ -1,0 +1,255 @@
+"""The RL loop (DESIGN §2 trainer, E4–E9), visible in one function: `train(cfg)`.
+
+One global step: sample B prompts × G responses with the inference engine → rewards → group advantages (E4) →
+`logp_old` from the training engine at θ_old, recording its routes → N mini-batch updates (E8), each minimising the
+registered policy loss (E5/E6) with Routing Replay if asked (E7) → sync weights to the engine → diagnostics → log →
+checkpoint. Every random number comes from generators seeded by (seed, step), so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from stablerl import diagnostics as diag
+from stablerl.algorithm import group_advantages, policy_loss
+from stablerl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from stablerl.config import Config, check_replay, save_config
+from stablerl.engine import Engine, Rollout
+from stablerl.errors import UserError
+from stablerl.evaluate import evaluate, load_eval_set
+from stablerl.metrics import MetricsWriter, read_metrics
+from stablerl.model import get_model
+from stablerl.rewards import score
+from stablerl.sampling import logprobs_from_logits
+from stablerl.sequences import Packed, pack, response_logits
+from stablerl.sft import DTYPES, lr_at, train_examples
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    steps: int
+    initial_accuracy: float | None
+    final_accuracy: float | None
+    seconds: float
+
+
+def _gen(seed: int, step: int, salt: int) -> torch.Generator:
+    """Independent stream per (seed, step, purpose): resuming at `step` reproduces every draw."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 7919 + salt) % (2**63))
+
+
+def full_routes(ro: Rollout, packed: Packed) -> torch.Tensor | None:
+    """The engine's routes laid out like the training batch (N, S, L, K): prompt then response tokens (R3)."""
+    if ro.routes_infer is None:
+        return None
+    N, S = packed.ids.shape
+    L, K = ro.routes_infer.shape[2:]
+    out = torch.zeros(N, S, L, K, dtype=torch.long)  # padding rows keep expert 0: their outputs are never read
+    for i in range(N):
+        p, t = int(packed.prompt_lens[i]), int(packed.mask[i].sum())
+        out[i, :p] = ro.prompt_routes[i]
+        out[i, p : p + t] = ro.routes_infer[i, :t]
+    return out
+
+
+def seq_token_mask(packed: Packed) -> torch.Tensor:
+    """(N, S) True on real (prompt or response) tokens of the packed batch."""
+    S = packed.ids.shape[1]
+    lengths = packed.prompt_lens + packed.mask.sum(1)
+    return torch.arange(S)[None] < lengths[:, None]
+
+
+def train(cfg: Config, resume: bool = False, show_progress: bool = True, console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    run_dir = cfg.run_dir()
+    e, a, t = cfg.engine, cfg.algo, cfg.train
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        console.print(f"[yellow]--resume: no checkpoint in {run_dir}, starting from step 0[/yellow]")
+    start = 0
+    model, tok = get_model(ckpt or cfg.init or cfg.model, seed=cfg.seed)
+    check_replay(cfg, model.is_moe)
+    save_config(cfg, run_dir / "config.yaml")  # before step 0: the run directory always says how it was made
+    model.to(DTYPES[t.dtype]).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                            lr=t.lr, betas=t.betas)
+    state = {}
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        console.print(f"resuming {run_dir} from {ckpt.name}")
+    engine = Engine(model, tok, numerics=e.numerics)  # its own copy of the weights, cast to its numerics
+    evaluator = Engine(model, tok, numerics="fp32")  # held-out accuracy of the policy itself, not of its bf16 copy
+    examples = train_examples(cfg)
+    heldout = load_eval_set(cfg.task)
+    writer = MetricsWriter(run_dir, resume_step=start if ckpt is not None else None)
+    samples_path = run_dir / "samples.jsonl"
+    if ckpt is None and samples_path.exists():
+        samples_path.unlink()
+    B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
+    hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
+              is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
+    sampling = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
+    bad_in_row = state.get("bad_in_row", 0)
+    t_start = time.perf_counter()
+
+    def run_eval(step: int) -> float:
+        evaluator.sync(model)
+        res = evaluate(evaluator, heldout, e.max_new_tokens, reward=cfg.task.reward, timeout=cfg.task.reward_timeout,
+                       seed=cfg.seed, n_samples=t.samples_per_eval)
+        writer.log(step, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
+        with samples_path.open("a") as f:
+            for s in res.samples:
+                f.write(json.dumps({"step": step, **s}) + "\n")
+        return res.accuracy
+
+    if start == 0:
+        run_eval(0)
+    progress = Progress(TextColumn("rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                        disable=not show_progress)
+    with progress:
+        bar = progress.add_task("rl", total=t.steps, completed=start, info="")
+        for step in range(start, t.steps):
+            timing, m = {}, {}
+            # ---- rollout: B prompts x G samples from the inference engine (μ_θold) --------------------------
+            t0 = time.perf_counter()
+            pick = torch.randint(len(examples), (B,), generator=_gen(cfg.seed, step, 1)).tolist()
+            batch = [examples[i] for i in pick]
+            ro = engine.generate([x.prompt for x in batch], n=G, max_new_tokens=e.max_new_tokens, stop=e.stop,
+                                 seed=int(torch.randint(2**31, (1,), generator=_gen(cfg.seed, step, 2))), **sampling)
+            timing["time/rollout"] = time.perf_counter() - t0
+            # ---- rewards and E4 group advantages ---------------------------------------------------------
+            t0 = time.perf_counter()
+            scored = score(ro.texts, [x.answer for x in batch for _ in range(G)], fn=cfg.task.reward,
+                           timeout=cfg.task.reward_timeout)
+            rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(B, G)  # (B, G)
+            adv = group_advantages(rewards, a.adv_mode).flatten()  # (N,) prompt-major, like the rollout
+            timing["time/rewards"] = time.perf_counter() - t0
+            m |= diag.reward_stats(rewards, ro.mask.sum(1), torch.tensor([r == "length" for r in ro.finish_reason]))
+            m |= {"reward/errors": scored.n_errors, "reward/timeouts": scored.n_timeouts}
+            # ---- θ_old: logp_old and its routes from the training engine (E3, E7) -------------------------
+            t0 = time.perf_counter()
+            packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)], tok.pad_id)
+            mask = packed.mask  # (N, T)
+            logp_infer = ro.logp_infer[:, : mask.shape[1]].masked_fill(~mask, 0.0)  # (N, T) log μ_θold
+            routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K)
+            with torch.no_grad():
+                old = model(packed.ids, routes=routes_infer if a.replay == "R3" else None)
+                lp_full_old = logprobs_from_logits(response_logits(old.logits, packed), **sampling)  # (N, T, V)
+                logp_old = lp_full_old.gather(-1, packed.targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+            routes_old = old.routes  # (N, S, L, K) θ_old's own routes (the engine's under R3)
+            timing["time/old_logprobs"] = time.perf_counter() - t0
+            m |= diag.entropy(lp_full_old, mask)
+            m |= diag.train_inference_kl(logp_old, logp_infer, mask)
+            tok_mask = seq_token_mask(packed)
+            if a.replay != "R3":
+                m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
+            # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
+            t0 = time.perf_counter()
+            order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps) if t.warmup_steps else t.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            mb_stats: list[dict] = []
+            skipped = 0
+            for j, idx in enumerate(order):
+                mb = _select(packed, idx)
+                S = mb.ids.shape[1]
+                replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]
+                cur = model(mb.ids, routes=None if replay is None else replay[idx, :S])
+                logp = logprobs_from_logits(response_logits(cur.logits, mb), **sampling)
+                logp = logp.gather(-1, mb.targets[..., None]).squeeze(-1)  # (n, T)
+                out = policy_loss(a.loss, logp, logp_old[idx], logp_infer[idx], adv[idx], mb.mask, **hp)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                if not (torch.isfinite(out.loss) and torch.isfinite(gnorm)):
+                    skipped += 1  # guard: a NaN/Inf step never reaches the weights
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                opt.step()
+                st = {**out.stats, "loss/policy": float(out.loss), "grad/norm": float(gnorm)}
+                if a.replay == "none" and cur.routes is not None:
+                    st |= diag.routing_agreement(routes_old[idx, :S], cur.routes, tok_mask[idx, :S],
+                                                "route/old_vs_current")
+                mb_stats.append(st)
+            timing["time/updates"] = time.perf_counter() - t0
+            m |= _mean_dicts(mb_stats)
+            m["guard/skipped_minibatches"] = skipped
+            bad_in_row = bad_in_row + 1 if skipped == N else 0
+            if bad_in_row >= t.max_bad_steps:
+                writer.log(step, m)
+                writer.close()
+                raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient "
+                                f"(last at step {step}); lower train.lr or check the data (metrics in {writer.path})")
+            # ---- E9 first-order fidelity on a probe mini-batch, with the policy after this step's updates ----
+            if t.fidelity_every and (step + 1) % t.fidelity_every == 0:
+                idx = order[0]
+                mb = _select(packed, idx)
+                replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]
+                cur = model(mb.ids, routes=None if replay is None else replay[idx, : mb.ids.shape[1]])
+                logp = logprobs_from_logits(response_logits(cur.logits, mb), **sampling)
+                logp = logp.gather(-1, mb.targets[..., None]).squeeze(-1)
+                m |= diag.fidelity(logp, logp_infer[idx], adv[idx], mb.mask, [p for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+            # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
+            t0 = time.perf_counter()
+            engine.sync(model)
+            timing["time/sync"] = time.perf_counter() - t0
+            m |= timing
+            m["time/step"] = sum(timing.values())
+            m["train/lr"] = lr
+            done = step + 1
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                m["eval/accuracy"] = run_eval(done)
+            writer.log(done, m)
+            if (t.save_every and done % t.save_every == 0) or done == t.steps:
+                save_checkpoint(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints)
+            progress.update(bar, advance=1, info=_line(m))
+    writer.close()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    result = TrainResult(run_dir, t.steps, evals[0] if evals else None, evals[-1] if evals else None,
+                         time.perf_counter() - t_start)
+    return result
+
+
+def _select(p: Packed, idx: torch.Tensor) -> Packed:
+    """Rows `idx` of a packed batch, trimmed to their own longest sequence (less compute per mini-batch)."""
+    S = int((p.prompt_lens[idx] + p.mask[idx].sum(1)).max())
+    T = max(1, int(p.mask[idx].sum(1).max()))
+    return Packed(p.ids[idx, :S], p.resp_pos[idx, :T].clamp(max=S - 1), p.targets[idx, :T], p.mask[idx, :T],
+                  p.prompt_lens[idx])
+
+
+def _mean_dicts(rows: list[dict]) -> dict:
+    keys = {k for r in rows for k in r}
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r and isinstance(r[k], int | float) and math.isfinite(r[k])]
+        if vals:
+            out[k] = max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min") else sum(vals) / len(vals)
+    return out
+
+
+def _line(m: dict) -> str:
+    """The compact per-step console line."""
+    parts = [f"reward {m.get('reward/mean', float('nan')):.3f}", f"len {m.get('length/mean', 0):.1f}",
+             f"kl {m.get('kl/k3', float('nan')):.1e}", f"ent {m.get('entropy/mean', float('nan')):.2f}",
+             f"clip {m.get('clip/frac', 0):.3f}", f"{m.get('time/step', 0):.1f}s"]
+    if "eval/accuracy" in m:
+        parts.append(f"eval {m['eval/accuracy']:.1%}")
+    return "  ".join(parts)
