@@ -26,7 +26,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step discards TensorBoard events past the resume point, as truncate_after does for the JSONL
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
