@@ -381,9 +381,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _flat_grad(y: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> torch.Tensor:
-    grads = torch.autograd.grad(y, params, retain_graph=retain_graph, allow_unused=True)
-    # a parameter the batch never touches has gradient 0, not None, so both vectors keep the same layout
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+    live = [p for p in params if p.requires_grad]  # autograd.grad refuses frozen tensors
+    grads = iter(torch.autograd.grad(y, live, retain_graph=retain_graph, allow_unused=True))
+    # frozen or untouched parameters get gradient 0, not None, so both vectors keep the same layout
+    flat = [next(grads) if p.requires_grad else None for p in params]
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, flat)])
 
 
 def _output(loss, mask, keep, clip_low, clip_high, extra: dict[str, float]) -> LossOutput:

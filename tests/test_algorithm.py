@@ -502,9 +502,11 @@ def test_sequence_weight_overflow_is_normalised():
 
 def test_first_order_gradients_unused_params_and_cosine_edge_cases():
     theta, logp, mask, adv, _ = toy_policy(7)
-    unused = torch.zeros(3, dtype=F64, requires_grad=True)
-    g_seq, g_tok = first_order_gradients(logp, logp.detach(), adv, mask, [theta, unused])
-    assert g_seq.shape == (theta.numel() + 3,) and torch.equal(g_tok[-3:], torch.zeros(3, dtype=F64))
+    unused, frozen = torch.zeros(3, dtype=F64, requires_grad=True), torch.ones(2, dtype=F64)
+    g_seq, g_tok = first_order_gradients(logp, logp.detach(), adv, mask, [frozen, theta, unused], retain_graph=True)
+    assert g_seq.shape == (2 + theta.numel() + 3,)
+    assert torch.equal(g_tok[:2], torch.zeros(2, dtype=F64)) and torch.equal(g_tok[-3:], torch.zeros(3, dtype=F64))
+    torch.testing.assert_close(g_tok[2:-3], grad_of((adv[:, None] * logp * mask).sum(), theta).flatten())
     assert math.isnan(cosine(torch.zeros(4), torch.ones(4)))
     assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 0.0])) == -1.0
     with pytest.raises(ValueError, match="^logp: must require grad"):
