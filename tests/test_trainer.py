@@ -1,0 +1,98 @@
+"""RL trainer end to end on tiny runs: invariants of E5/E7/E8, a complete run directory, and exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stablerl.config import load_config
+from stablerl.metrics import read_metrics
+from stablerl.trainer import train
+
+TINY = ["train.batch_prompts=2", "train.group_size=4", "engine.max_new_tokens=12", "task.n_heldout=8",
+        "task.n_train=64", "train.eval_every=0", "train.fidelity_every=1", "train.lr=1e-3"]
+
+
+def _run(tmp_path, name, extra):
+    cfg = load_config(None, [f"out_dir={tmp_path}", f"name={name}", *TINY, *extra])
+    train(cfg, show_progress=False)
+    return read_metrics(tmp_path / name / "metrics.jsonl")
+
+
+def test_on_policy_fp32_staleness_is_exactly_one_with_top_p(tmp_path):
+    # N = 1: logp and logp_old come from the same weights and the same batch, so r == 1 bitwise and nothing is
+    # clipped; top_p = 0.9 must not bias the ratios (both sides use the same truncated, renormalised support).
+    rows = _run(tmp_path, "onpol", ["train.steps=2", "engine.numerics=fp32", "engine.top_p=0.9"])
+    steps = [r for r in rows if "is/staleness_max" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["is/staleness_min"] == 1.0 and r["is/staleness_max"] == 1.0
+        assert r["clip/frac"] == 0.0
+        assert abs(r["is/discrepancy_max"] - 1) < 1e-3 and abs(r["is/discrepancy_min"] - 1) < 1e-3
+        assert r["route/infer_vs_train/mean"] == 1.0
+        assert r["fidelity/cosine"] > 0.999
+
+
+def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
+    rows = _run(tmp_path, "r3", ["train.steps=2", "engine.numerics=bf16", "algo.replay=R3", "train.n_minibatches=2",
+                                 "train.lr=3e-3"])
+    steps = [r for r in rows if "is/staleness_max" in r]
+    assert len(steps) == 2
+    assert all("route/infer_vs_train/mean" not in r for r in steps)  # under R3 the trainer runs the engine's experts
+    # with two mini-batches the second is off-policy: the policy moved, so some staleness ratio is not 1
+    assert any(r["is/staleness_max"] > 1.0 or r["is/staleness_min"] < 1.0 for r in steps)
+
+
+@pytest.mark.slow
+def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}",
+                        "name=smoke", "train.steps=2", "train.eval_every=1", "train.save_every=1", *TINY],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "smoke"
+    assert load_config(run / "config.yaml").train.steps == 2
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "reward", "step"} <= samples[0].keys()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000001", "step_000002"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {
+        p.name for p in (run / "checkpoints" / "step_000002").iterdir()}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    args = ["train.steps=5", "train.save_every=1", "train.keep_checkpoints=10", *TINY]
+    _run(tmp_path, "straight", args)
+    cmd = [sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}", "name=killed", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    ck = tmp_path / "killed" / "checkpoints" / "step_000002"
+    deadline = time.time() + 240
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ck.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in time"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+    straight = strip(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    resumed = strip(read_metrics(tmp_path / "killed" / "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert resumed == straight
+    assert Path(tmp_path / "killed" / "checkpoints" / "step_000005").exists()
