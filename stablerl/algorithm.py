@@ -298,11 +298,13 @@ def policy_loss(
     adv (N,); mask (N, T) bool. hp: fields of `LossHP`. Computes in at least float32.
     """
     fn = get_loss(name)
-    params = make_hp(**hp)
+    loss_hp = make_hp(**hp)
+    # bf16 log-probs differ by ~1e-2 per token; ratios of them exponentiate that error, so upcast first
     dtype = _check_inputs(logp=logp, logp_old=logp_old, logp_infer=logp_infer, adv=adv, mask=mask)
     logp = logp.to(dtype).masked_fill(~mask, 0.0)  # (N, T); padding zeroed once, so no loss ever reads it
+    # π_θold, μ_θold and Â are constants of the objective: a stray graph on them must not leak gradient
     iw = is_weights(logp, logp_old.detach().to(dtype), logp_infer.detach().to(dtype), mask)
-    out = fn(logp, iw, adv.detach().to(dtype), mask, params)
+    out = fn(logp, iw, adv.detach().to(dtype), mask, loss_hp)
     return LossOutput(out.loss, {**out.stats, **_is_stats(iw, mask)})
 
 
@@ -315,6 +317,7 @@ def make_hp(**hp) -> LossHP:
     out = LossHP(**hp)
     for key in ("eps_low", "eps_high", "is_trunc", "is_low", "is_high"):
         value = getattr(out, key)
+        # bool is an int subclass; True as a clip width is always a config mistake
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{key}: expected a finite number >= 0, got {value!r}")
     if out.eps_low >= 1:
@@ -325,10 +328,9 @@ def make_hp(**hp) -> LossHP:
         raise ValueError(f"is_trunc: must be > 0, got {out.is_trunc}")
     if out.is_low > out.is_high:
         raise ValueError(f"is_low: must be <= is_high, got is_low={out.is_low}, is_high={out.is_high}")
-    if out.max_tokens is not None and (isinstance(out.max_tokens, bool) or not isinstance(out.max_tokens, int)):
-        raise ValueError(f"max_tokens: expected a positive int or None, got {out.max_tokens!r}")
-    if out.max_tokens is not None and out.max_tokens < 1:
-        raise ValueError(f"max_tokens: expected a positive int or None, got {out.max_tokens!r}")
+    m = out.max_tokens
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"max_tokens: expected a positive int or None, got {m!r}")
     return out
 
 
@@ -443,6 +445,7 @@ def _check_inputs(**tensors: torch.Tensor) -> torch.dtype:
             raise ValueError(f"{key}: expected shape {tuple(mask.shape)} like mask, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{key}: expected a floating dtype, got {x.dtype}")
+        # only response tokens: padding is never read, so engines may fill it with anything
         bad = ~torch.isfinite(x.detach()) & mask
         if bad.any():
             i, t = (int(v) for v in bad.nonzero()[0])
