@@ -52,17 +52,25 @@ def _check(ok: bool, task: str, msg: str) -> None:
 # ---- arith: multi-digit addition / subtraction with a column scratchpad --------------------------------------------
 
 
-def arith(rng: random.Random, digits: int = 3, n_terms: int = 2, op: str = "+") -> Problem:
+def arith(rng: random.Random, digits: int = 4, n_terms: int = 3, op: str = "+") -> Problem:
     """`Q: 374+485` → one line per column, right to left, with the carry of the previous column:
-    4+5=9 / 7+8=15 / 3+4+1=8. Subtraction writes signed column values (2-7=-5: digit 5, borrow 1)."""
+    4+5=9 / 7+8=15 / 3+4+1=8. Subtraction writes signed column values (2-7=-5: digit 5, borrow 1).
+
+    The default (4 digits, 3 terms) is calibrated for the tiny model's cold start: see docs/tasks.md."""
     _check(type(digits) is int and 1 <= digits <= 9, "arith", f"digits must be an integer in 1..9, got {digits!r}")
     _check(type(n_terms) is int and 2 <= n_terms <= 9, "arith", f"n_terms must be an integer in 2..9, got {n_terms!r}")
     _check(op in ("+", "-"), "arith", f"op must be '+' or '-', got {op!r}")
-    _check(op == "+" or n_terms == 2, "arith", "op '-' supports n_terms=2 only")
     lo, hi = (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
-    terms = [rng.randint(lo, hi) for _ in range(n_terms)]
-    if op == "-":
-        terms.sort(reverse=True)  # keeps results non-negative, so the last column never borrows
+    for _ in range(1000):
+        terms = [rng.randint(lo, hi) for _ in range(n_terms)]
+        if op == "+":
+            break
+        terms.sort(reverse=True)  # the largest first, and only when the result is >= 0: the last column never borrows
+        if terms[0] >= sum(terms[1:]):
+            break
+    else:
+        raise UserError(f"task arith: op '-' with n_terms={n_terms}, digits={digits} rarely has a result >= 0; "
+                        "use fewer terms")
     sign = 1 if op == "+" else -1
     lines, sums, carry = [], [], 0
     for col in range(digits):
