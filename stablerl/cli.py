@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("stablerl.commands.config", "print the resolved config (defaults + YAML + overrides)"),
     "sft": ("stablerl.commands.sft", "cold-start supervised fine-tuning on a task's solution traces"),
     "eval": ("stablerl.commands.eval", "greedy accuracy and mean@k on a held-out task split or data file"),
+    "generate": ("stablerl.commands.generate", "sample completions (with logprobs, routes) from a JSONL of prompts"),
 }
 
 
