@@ -9,7 +9,7 @@ import torch
 
 from stablerl.cli import main
 from stablerl.config import EngineConfig
-from stablerl.engine import Engine, Fp8Linear, quantize_e4m3
+from stablerl.engine import Engine, Experts, Fp8Linear, quantize_e4m3
 from stablerl.errors import UserError
 from stablerl.model import ModelConfig, build_model, get_model
 from stablerl.sampling import logprobs_from_logits, process_logits, sample, token_logprobs
@@ -218,6 +218,30 @@ def test_dense_model_and_from_config():
     assert ro.routes_infer is None and ro.prompt_routes is None and ro.tokens.shape == (4, 5)
     packed, lp, _ = teacher_forced(model, ro)
     assert (lp - ro.logp_infer).abs()[packed.mask].max() <= 1e-4
+
+
+@pytest.mark.parametrize("numerics", ["fp32", "bf16", "fp8"])
+def test_padded_and_grouped_expert_dispatch_agree_exactly(moe, numerics):
+    model, _ = moe
+    experts = Experts(model.model.layers[0].mlp.experts, numerics)
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if numerics == "fp32" else torch.bfloat16
+    x = torch.randn(40, 128, generator=gen).to(dtype)
+    idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(40)])  # (40, 2) distinct experts
+    idx[:20, 0] = 3  # a busy expert, as decode routing often has
+    w = torch.rand(40, 2, generator=gen).to(dtype)
+    experts.pad_limit = float("inf")
+    padded = experts(x, idx, w)
+    experts.pad_limit = 0.0
+    grouped = experts(x, idx, w)
+    assert torch.equal(padded, grouped)
+    # and both are the model's MoE arithmetic (fp32: same expert outputs, gate-weighted, summed in expert order)
+    if numerics == "fp32":
+        ref = torch.zeros_like(x)
+        for t in range(40):
+            for k in range(2):
+                ref[t] += model.model.layers[0].mlp.experts[int(idx[t, k])](x[t]) * w[t, k]
+        assert (grouped - ref).abs().max() < 1e-6
 
 
 def test_fp8_quantisation_is_per_channel_e4m3():
