@@ -98,9 +98,10 @@ class TaskConfig:
     heldout_data: str | None = None
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    knobs: dict = field(default_factory=dict)  # difficulty knobs of the built-in task, e.g. {digits: 4, n_terms: 3}
     n_train: int = 4096
     n_heldout: int = 256
-    reward: str = "math"  # reward fn name or "package.module:function"
+    reward: str | None = None  # reward fn name or "package.module:function"; None = the task's own (math for files)
     reward_timeout: float = 5.0
 
 
@@ -132,6 +133,8 @@ def _allowed(tp) -> str:
         return " or ".join(_allowed(a) for a in typing.get_args(tp))
     if origin is tuple:
         return "a list"
+    if tp is dict or origin is dict:
+        return "a mapping"
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, str(tp)
     )
@@ -152,6 +155,10 @@ def _coerce(tp, value, key: str, where: str):
                 return _coerce(arg, value, key, where)
             except ConfigError:
                 pass
+        raise bad
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
         raise bad
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -301,6 +308,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("algo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
     if t.lr <= 0 or cfg.sft.lr <= 0:
         raise ConfigError("train.lr / sft.lr: expected > 0")
+
+
+def task_reward(task: TaskConfig) -> str:
+    """The reward function a task config means: explicit, else the built-in task's own, else math for files."""
+    if task.reward is not None:
+        return task.reward
+    if task.data is not None:
+        return "math"
+    from stablerl.tasks import get_task
+
+    return get_task(task.name, **task.knobs).reward
 
 
 def check_replay(cfg: Config, is_moe: bool) -> None:

@@ -33,7 +33,7 @@ def load_eval_set(task_cfg, n: int | None = None) -> list[Example]:
     if task_cfg.heldout_data:
         ex = load_examples(task_cfg.heldout_data, prompt_key=task_cfg.prompt_key, answer_key=task_cfg.answer_key)
     else:
-        ex = get_task(task_cfg.name).heldout(task_cfg.n_heldout, seed=0)
+        ex = get_task(task_cfg.name, **task_cfg.knobs).heldout(task_cfg.n_heldout, seed=0)
     return ex[:n] if n else ex
 
 

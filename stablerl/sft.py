@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from stablerl.config import Config, save_config
+from stablerl.config import Config, save_config, task_reward
 from stablerl.data import Example
 from stablerl.engine import Engine
 from stablerl.errors import UserError
@@ -50,7 +50,7 @@ def train_examples(cfg: Config) -> list[Example]:
 
     if cfg.task.data:
         return load_examples(cfg.task.data, prompt_key=cfg.task.prompt_key, answer_key=cfg.task.answer_key)
-    return get_task(cfg.task.name).train(cfg.task.n_train, seed=0)
+    return get_task(cfg.task.name, **cfg.task.knobs).train(cfg.task.n_train, seed=0)
 
 
 def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
@@ -92,7 +92,7 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
             opt.step()
             tokens += int(batch.ids.ne(tok.pad_id).sum())
-            lv = float(loss)
+            lv = float(loss.detach())
             loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             tps = tokens / (time.perf_counter() - t0)
             writer.log(step, {"sft/loss": lv, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/tokens_per_s": tps})
@@ -101,7 +101,7 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     ckpt = run_dir / "model"
     model.save(ckpt, tokenizer=tok)
     engine = Engine(model, tok, numerics="fp32")
-    res = evaluate(engine, load_eval_set(cfg.task), cfg.engine.max_new_tokens, reward=cfg.task.reward,
+    res = evaluate(engine, load_eval_set(cfg.task), cfg.engine.max_new_tokens, reward=task_reward(cfg.task),
                    timeout=cfg.task.reward_timeout, seed=cfg.seed)
     seconds = time.perf_counter() - t0
     writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})

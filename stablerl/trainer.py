@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from stablerl import diagnostics as diag
 from stablerl.algorithm import group_advantages, policy_loss
 from stablerl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from stablerl.config import Config, check_replay, save_config
+from stablerl.config import Config, check_replay, save_config, task_reward
 from stablerl.engine import Engine, Rollout
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate, load_eval_set
@@ -93,6 +93,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     engine = Engine(model, tok, numerics=e.numerics)  # its own copy of the weights, cast to its numerics
     evaluator = Engine(model, tok, numerics="fp32")  # held-out accuracy of the policy itself, not of its bf16 copy
     examples = train_examples(cfg)
+    reward_fn = task_reward(cfg.task)
     heldout = load_eval_set(cfg.task)
     writer = MetricsWriter(run_dir, resume_step=start if ckpt is not None else None)
     samples_path = run_dir / "samples.jsonl"
@@ -107,7 +108,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
 
     def run_eval(step: int) -> float:
         evaluator.sync(model)
-        res = evaluate(evaluator, heldout, e.max_new_tokens, reward=cfg.task.reward, timeout=cfg.task.reward_timeout,
+        res = evaluate(evaluator, heldout, e.max_new_tokens, reward=reward_fn, timeout=cfg.task.reward_timeout,
                        seed=cfg.seed, n_samples=t.samples_per_eval)
         writer.log(step, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
         with samples_path.open("a") as f:
@@ -133,7 +134,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             timing["time/rollout"] = time.perf_counter() - t0
             # ---- rewards and E4 group advantages ---------------------------------------------------------
             t0 = time.perf_counter()
-            scored = score(ro.texts, [x.answer for x in batch for _ in range(G)], fn=cfg.task.reward,
+            scored = score(ro.texts, [x.answer for x in batch for _ in range(G)], fn=reward_fn,
                            timeout=cfg.task.reward_timeout)
             rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(B, G)  # (B, G)
             adv = group_advantages(rewards, a.adv_mode).flatten()  # (N,) prompt-major, like the rollout
@@ -181,7 +182,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                     opt.zero_grad(set_to_none=True)
                     continue
                 opt.step()
-                st = {**out.stats, "loss/policy": float(out.loss), "grad/norm": float(gnorm)}
+                st = {**out.stats, "loss/policy": float(out.loss.detach()), "grad/norm": float(gnorm)}
                 if a.replay == "none" and cur.routes is not None:
                     st |= diag.routing_agreement(routes_old[idx, :S], cur.routes, tok_mask[idx, :S],
                                                 "route/old_vs_current")

@@ -6,7 +6,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from stablerl.config import TaskConfig
+from stablerl.config import TaskConfig, task_reward
 
 
 def add_arguments(p):
@@ -20,7 +20,8 @@ def add_arguments(p):
     p.add_argument("--k", type=int, default=0, help="also sample k answers per prompt at temperature 1 (mean@k)")
     p.add_argument("--numerics", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"])
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--reward", default="math", help="reward function name or package.module:function")
+    p.add_argument("--reward", default=None, help="reward function name or package.module:function "
+                   "(default: the task's own; math for data files)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the results as JSON here")
 
@@ -35,7 +36,7 @@ def run(args) -> int:
     examples = load_eval_set(task, args.n)
     model, tok = get_model(args.model, seed=args.seed)
     engine = Engine(model.eval(), tok, numerics=args.numerics)
-    res = evaluate(engine, examples, args.max_new_tokens, k=args.k, reward=args.reward, seed=args.seed)
+    res = evaluate(engine, examples, args.max_new_tokens, k=args.k, reward=args.reward or task_reward(task), seed=args.seed)
     table = Table(title=f"eval {args.model} on {args.data or args.task}")
     for col in ("n", "greedy accuracy", f"mean@{args.k}" if args.k else "mean@k", "mean length"):
         table.add_column(col, justify="right")
