@@ -106,18 +106,17 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     bad_in_row = state.get("bad_in_row", 0)
     t_start = time.perf_counter()
 
-    def run_eval(step: int) -> float:
+    def run_eval(step: int) -> dict[str, float]:
         evaluator.sync(model)
         res = evaluate(evaluator, heldout, e.max_new_tokens, reward=reward_fn, timeout=cfg.task.reward_timeout,
                        seed=cfg.seed, n_samples=t.samples_per_eval)
-        writer.log(step, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
         with samples_path.open("a") as f:
             for s in res.samples:
                 f.write(json.dumps({"step": step, **s}) + "\n")
-        return res.accuracy
+        return {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length}
 
     if start == 0:
-        run_eval(0)
+        writer.log(0, run_eval(0))  # the cold start's accuracy: the baseline every later eval is compared with
     progress = Progress(TextColumn("rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                         disable=not show_progress)
@@ -215,7 +214,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             m["train/lr"] = lr
             done = step + 1
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                m["eval/accuracy"] = run_eval(done)
+                m |= run_eval(done)
             writer.log(done, m)
             if (t.save_every and done % t.save_every == 0) or done == t.steps:
                 save_checkpoint(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints)
@@ -237,7 +236,7 @@ def _select(p: Packed, idx: torch.Tensor) -> Packed:
 
 
 def _mean_dicts(rows: list[dict]) -> dict:
-    keys = {k for r in rows for k in r}
+    keys = sorted({k for r in rows for k in r})
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if k in r and isinstance(r[k], int | float) and math.isfinite(r[k])]

@@ -35,7 +35,9 @@ def test_on_policy_fp32_staleness_is_exactly_one_with_top_p(tmp_path):
         assert r["clip/frac"] == 0.0
         assert abs(r["is/discrepancy_max"] - 1) < 1e-3 and abs(r["is/discrepancy_min"] - 1) < 1e-3
         assert r["route/infer_vs_train/mean"] == 1.0
-        assert r["fidelity/cosine"] > 0.999
+        # E9 is logged every step here; with a random-init policy every reward is 0, every advantage is 0, both
+        # gradients vanish and the cosine is undefined (written as null, never a made-up number)
+        assert "fidelity/cosine" in r and "fidelity/abs_log_W_max" in r
 
 
 def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
@@ -51,7 +53,7 @@ def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
 @pytest.mark.slow
 def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}",
-                        "name=smoke", "train.steps=2", "train.eval_every=1", "train.save_every=1", *TINY],
+                        "name=smoke", *TINY, "train.steps=2", "train.eval_every=1", "train.save_every=1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "smoke"
