@@ -80,10 +80,10 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     check_replay(cfg, model.is_moe)
     save_config(cfg, run_dir / "config.yaml")  # before step 0: the run directory always says how it was made
     model.to(DTYPES[t.dtype]).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                            lr=t.lr, betas=t.betas)
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
     state = {}
     if ckpt is not None:
         state = load_trainer_state(ckpt)
@@ -165,7 +165,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 group["lr"] = lr
             mb_stats: list[dict] = []
             skipped = 0
-            for j, idx in enumerate(order):
+            for idx in order:
                 mb = _select(packed, idx)
                 S = mb.ids.shape[1]
                 replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]

@@ -36,7 +36,8 @@ def run(args) -> int:
     examples = load_eval_set(task, args.n)
     model, tok = get_model(args.model, seed=args.seed)
     engine = Engine(model.eval(), tok, numerics=args.numerics)
-    res = evaluate(engine, examples, args.max_new_tokens, k=args.k, reward=args.reward or task_reward(task), seed=args.seed)
+    reward = args.reward or task_reward(task)
+    res = evaluate(engine, examples, args.max_new_tokens, k=args.k, reward=reward, seed=args.seed)
     table = Table(title=f"eval {args.model} on {args.data or args.task}")
     for col in ("n", "greedy accuracy", f"mean@{args.k}" if args.k else "mean@k", "mean length"):
         table.add_column(col, justify="right")
