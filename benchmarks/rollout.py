@@ -9,7 +9,7 @@ reported against each and against the faster of the two. Tokens/s counts new tok
 whole generate call (prefill included).
 
     python benchmarks/rollout.py                      # batch 64, 128 new tokens, fp32 and bf16
-    python benchmarks/rollout.py --threads 1 --new-tokens 32
+    python benchmarks/rollout.py --threads 1,2 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens including BOS (all prompts alike)")
     ap.add_argument("--numerics", default="fp32,bf16")
     ap.add_argument("--hf-impl", default="grouped_mm,eager", help="transformers experts implementations to time")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--threads", default=None, help="torch thread counts to run, e.g. 1,2 (default: torch's own)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=60.0, help="stop repeating a config after this many seconds")
     ap.add_argument("--out", default="benchmarks/results/rollout.json")
@@ -69,8 +69,6 @@ def main() -> None:
 
     import transformers
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tok = get_model(args.model, seed=0)
     model.eval()
     ckpt = Path(tempfile.mkdtemp(prefix="stablerl-bench-")) / "model"
@@ -81,54 +79,56 @@ def main() -> None:
     ids = torch.tensor([tok.encode_prompt(p) for p in prompts])  # (B, P), same length: no padding on either side
     assert ids.shape == (args.batch, args.prompt_len)
     new = args.batch * args.new_tokens
+    impls = args.hf_impl.split(",")
     load_before = os.getloadavg()
     results = []
-    for numerics in args.numerics.split(","):
-        row = {"numerics": numerics}
-        engine = Engine(model, tok, numerics=numerics)
+    for threads in [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for numerics in args.numerics.split(","):
+            row = {"threads": threads, "numerics": numerics}
+            engine = Engine(model, tok, numerics=numerics)
 
-        def run_engine(engine=engine):
-            ro = engine.generate(prompts, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
-            assert int(ro.mask.sum()) == new
+            def run_engine(engine=engine):
+                ro = engine.generate(prompts, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+                assert int(ro.mask.sum()) == new
 
-        run_engine()  # warm-up (allocator, kernels)
-        row["engine_tok_s"] = new / timed(run_engine, args.repeats, args.budget)
-        for impl in args.hf_impl.split(","):
-            hf = transformers.Qwen3MoeForCausalLM.from_pretrained(ckpt, dtype=DTYPES[numerics],
-                                                                  experts_implementation=impl).eval()
-            kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                      pad_token_id=tok.pad_id, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+            run_engine()  # warm-up (allocator, kernels)
+            row["engine_tok_s"] = new / timed(run_engine, args.repeats, args.budget)
+            for impl in impls:
+                hf = transformers.Qwen3MoeForCausalLM.from_pretrained(ckpt, dtype=DTYPES[numerics],
+                                                                      experts_implementation=impl).eval()
+                kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          pad_token_id=tok.pad_id, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
-            def run_hf(hf=hf, kw=kw):
+                def run_hf(hf=hf, kw=kw):
+                    with torch.inference_mode():
+                        out = hf.generate(ids, **kw)
+                    assert out.shape == (args.batch, args.prompt_len + args.new_tokens)
+
                 with torch.inference_mode():
-                    out = hf.generate(ids, **kw)
-                assert out.shape == (args.batch, args.prompt_len + args.new_tokens)
-
-            with torch.inference_mode():
-                hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-            row[f"hf_{impl}_tok_s"] = new / timed(run_hf, args.repeats, args.budget)
-            row[f"ratio_vs_hf_{impl}"] = row["engine_tok_s"] / row[f"hf_{impl}_tok_s"]
-            del hf
-        best = max(row[f"hf_{impl}_tok_s"] for impl in args.hf_impl.split(","))
-        row["ratio_vs_fastest_hf"] = row["engine_tok_s"] / best
-        results.append(row)
-        print(f"{numerics}: engine {row['engine_tok_s']:,.0f} tok/s | "
-              + " | ".join(f"HF {impl} {row[f'hf_{impl}_tok_s']:,.0f} tok/s (x{row[f'ratio_vs_hf_{impl}']:.1f})"
-                           for impl in args.hf_impl.split(","))
-              + f" | vs fastest HF x{row['ratio_vs_fastest_hf']:.1f}", flush=True)
+                    hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+                row[f"hf_{impl}_tok_s"] = new / timed(run_hf, args.repeats, args.budget)
+                row[f"ratio_vs_hf_{impl}"] = row["engine_tok_s"] / row[f"hf_{impl}_tok_s"]
+                del hf
+            row["ratio_vs_fastest_hf"] = row["engine_tok_s"] / max(row[f"hf_{impl}_tok_s"] for impl in impls)
+            row["loadavg"] = os.getloadavg()[0]
+            results.append(row)
+            print(f"{threads} thread(s) {numerics}: engine {row['engine_tok_s']:,.0f} tok/s | "
+                  + " | ".join(f"HF {impl} {row[f'hf_{impl}_tok_s']:,.0f} tok/s (x{row[f'ratio_vs_hf_{impl}']:.1f})"
+                               for impl in impls)
+                  + f" | vs fastest HF x{row['ratio_vs_fastest_hf']:.1f} | load {row['loadavg']:.2f}", flush=True)
     report = {
         "setup": {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "sampling": "temperature 1, no truncation, no early stop"},
-        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "python": platform.python_version()},
         "results": results,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"load average before {load_before[0]:.2f}, after {report['machine']['loadavg_after'][0]:.2f}; "
-          f"{torch.get_num_threads()} torch threads; wrote {out}")
+    print(f"load average before {load_before[0]:.2f}, after {report['machine']['loadavg_after'][0]:.2f}; wrote {out}")
 
 
 if __name__ == "__main__":
