@@ -211,13 +211,26 @@ def test_engine_owns_its_weights_and_sync_updates_them(moe):
     assert len(tensors) > 20 and not {t.data_ptr() for t in tensors} & {p.data_ptr() for p in model.parameters()}
 
 
-def test_dense_model_and_from_config():
-    model, tok = get_model("tiny-dense", seed=0)
-    eng = Engine.from_config(model.eval(), tok, EngineConfig(numerics="fp32", temperature=0.0, max_new_tokens=5))
-    ro = eng.generate(PROMPTS)
-    assert ro.routes_infer is None and ro.prompt_routes is None and ro.tokens.shape == (4, 5)
-    packed, lp, _ = teacher_forced(model, ro)
-    assert (lp - ro.logp_infer).abs()[packed.mask].max() <= 1e-4
+LLAMA = ModelConfig(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+                    tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64})
+
+
+@pytest.mark.parametrize("arch", ["tiny-dense", "llama"])
+def test_dense_models_and_from_config(arch):
+    if arch == "llama":  # tied embeddings, q/k/v/o and MLP biases, Llama-3 RoPE scaling, no q/k-norm
+        model, (_, tok) = build_model(LLAMA, seed=2), get_model("tiny-dense")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    else:
+        model, tok = get_model(arch, seed=0)
+    eng = Engine.from_config(model.eval(), tok, EngineConfig(numerics="fp32", temperature=0.7, max_new_tokens=6))
+    ro = eng.generate(PROMPTS, n=2, seed=0)
+    assert ro.routes_infer is None and ro.prompt_routes is None and ro.tokens.shape[0] == 8
+    packed, lp, _ = teacher_forced(model, ro, temperature=0.7)
+    assert (lp - ro.logp_infer[:, : lp.shape[1]]).abs()[packed.mask].max() <= 1e-4
 
 
 @pytest.mark.parametrize("numerics", ["fp32", "bf16", "fp8"])
@@ -250,6 +263,11 @@ def test_fp8_quantisation_is_per_channel_e4m3():
     assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 1)
     assert torch.equal(q.float().abs().amax(1), torch.full((64,), 448.0))  # each row uses the full e4m3 range
     assert ((q.float() * s - w).abs() <= w.abs().amax(1, keepdim=True) / 448 * 16).all()  # half an e4m3 step
+    model, tok = get_model("tiny-moe")
+    eng = Engine(model, tok, numerics="fp8")
+    lay = eng.model.layers[0]
+    assert isinstance(lay["qkv"], Fp8Linear) and isinstance(lay["o"], Fp8Linear)  # the block's Linears, replaced
+    assert lay["experts"].gu_scale.shape == (8, 1, 512)  # one scale per expert and output channel
     lin = Fp8Linear(w, None)
     x = torch.randn(8, 32, dtype=torch.bfloat16)
     y, ref = lin(x), x.float() @ w.T
