@@ -62,7 +62,7 @@ class Engine:
 
     def __init__(self, model_or_dir: Transformer | str | Path, tokenizer=None, numerics: str = "bf16",
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
-                 stop: tuple[str, ...] = (), model_seed: int = 0):
+                 stop: tuple[str, ...] = (), model_seed: int = 0, threads: int | None = None):
         if numerics not in NUMERICS:
             raise UserError(f"numerics: got {numerics!r}, expected one of {', '.join(map(repr, NUMERICS))}")
         if not isinstance(model_or_dir, nn.Module):
@@ -73,6 +73,9 @@ class Engine:
         self.tokenizer, self.numerics, self.config = tokenizer, numerics, model_or_dir.config
         self.defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              stop=tuple(stop))
+        # torch intra-op threads while generating (restored after); None leaves torch's setting. Small models on
+        # a shared machine want 1: every extra OpenMP thread makes each small op wait for a descheduled peer.
+        self.threads = threads
         self.model: InferenceModel
         self.sync(model_or_dir)
 
@@ -137,9 +140,15 @@ class Engine:
             raise UserError("generate: empty stop string")
         gen = seed if isinstance(seed, torch.Generator) else torch.Generator(self.device).manual_seed(int(seed))
         enc = self.encode(prompts)
-        with torch.inference_mode():
-            out = self._run(enc, n, dict(temperature=temperature, top_p=top_p, top_k=top_k), max_new_tokens, gen,
-                            ignore_eos, return_routes and self.model.is_moe, stop)
+        threads = torch.get_num_threads()
+        try:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            with torch.inference_mode():
+                out = self._run(enc, n, dict(temperature=temperature, top_p=top_p, top_k=top_k), max_new_tokens,
+                                gen, ignore_eos, return_routes and self.model.is_moe, stop)
+        finally:
+            torch.set_num_threads(threads)
         # clone outside inference mode: the trainer may save these for backward (e.g. routes as gather indices)
         tokens, length, reason, logp, routes, prompt_routes = (None if t is None else t.clone() for t in out)
         return self._finish(prompts, enc, n, tokens, length, reason, logp, routes, prompt_routes, stop)

@@ -110,6 +110,10 @@ def test_same_seed_same_samples_and_n_samples_are_prompt_major(moe):
     a = eng.generate(PROMPTS, n=4, max_new_tokens=12, seed=7)
     b = eng.generate(PROMPTS, n=4, max_new_tokens=12, seed=torch.Generator().manual_seed(7))
     c = eng.generate(PROMPTS, n=4, max_new_tokens=12, seed=8)
+    torch.set_num_threads(2)
+    d = Engine(model, tok, numerics="bf16", threads=1).generate(PROMPTS, n=4, max_new_tokens=12, seed=7)
+    assert torch.get_num_threads() == 2 and torch.equal(d.tokens, a.tokens)  # restored; same samples
+    torch.set_num_threads(1)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp_infer, b.logp_infer) and a.texts == b.texts
     assert not torch.equal(a.tokens, c.tokens)
     assert a.prompt_index.tolist() == [i // 4 for i in range(16)]
