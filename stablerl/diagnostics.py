@@ -74,13 +74,13 @@ def reward_stats(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.
 
 
 def fidelity(logp: torch.Tensor, logp_infer: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-             params: list[torch.Tensor]) -> dict[str, float]:
+             params: list[torch.Tensor], retain_graph: bool = False) -> dict[str, float]:
     """E9: cos(g_seq, g_tok) on a probe batch, with mean/max |log W_i| saying how far from first order it is.
 
     `logp` (N, T) must carry the graph of the current policy; costs two backward passes over it.
     """
-    g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params)
-    log_w = ((logp.detach() - logp_infer) * mask).sum(1)  # (N,) log W_i, the sequence IS weight
+    g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params, retain_graph=retain_graph)
+    log_w = (logp.detach() - logp_infer).masked_fill(~mask, 0.0).sum(1)  # (N,) log W_i, the sequence IS weight
     return {
         "fidelity/cosine": cosine(g_seq, g_tok),
         "fidelity/abs_log_W_mean": float(log_w.abs().mean()),

@@ -22,6 +22,7 @@ class Packed:
     targets: torch.Tensor  # (N, T) int64 response tokens (pad where mask is False)
     mask: torch.Tensor  # (N, T) bool, True on real response tokens
     prompt_lens: torch.Tensor  # (N,) int64
+    resp_lens: torch.Tensor  # (N,) int64 response tokens as packed (a mask entry may later be dropped, not these)
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
@@ -37,7 +38,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
         mask[i, : len(r)] = True
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (N,)
     resp_pos = (prompt_lens[:, None] - 1 + torch.arange(T)).clamp(max=S - 1)  # (N, T)
-    return Packed(ids, resp_pos, targets, mask, prompt_lens)
+    return Packed(ids, resp_pos, targets, mask, prompt_lens, mask.sum(1))
 
 
 def response_logits(logits: torch.Tensor, packed: Packed) -> torch.Tensor:

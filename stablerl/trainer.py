@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ def full_routes(ro: Rollout, packed: Packed) -> torch.Tensor | None:
     L, K = ro.routes_infer.shape[2:]
     out = torch.zeros(N, S, L, K, dtype=torch.long)  # padding rows keep expert 0: their outputs are never read
     for i in range(N):
-        p, t = int(packed.prompt_lens[i]), int(packed.mask[i].sum())
+        p, t = int(packed.prompt_lens[i]), int(packed.resp_lens[i])
         out[i, :p] = ro.prompt_routes[i]
         out[i, p : p + t] = ro.routes_infer[i, :t]
     return out
@@ -64,7 +64,7 @@ def full_routes(ro: Rollout, packed: Packed) -> torch.Tensor | None:
 def seq_token_mask(packed: Packed) -> torch.Tensor:
     """(N, S) True on real (prompt or response) tokens of the packed batch."""
     S = packed.ids.shape[1]
-    lengths = packed.prompt_lens + packed.mask.sum(1)
+    lengths = packed.prompt_lens + packed.resp_lens
     return torch.arange(S)[None] < lengths[:, None]
 
 
@@ -143,15 +143,21 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             # ---- θ_old: logp_old and its routes from the training engine (E3, E7) -------------------------
             t0 = time.perf_counter()
             packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)], tok.pad_id)
-            mask = packed.mask  # (N, T)
-            logp_infer = ro.logp_infer[:, : mask.shape[1]].masked_fill(~mask, 0.0)  # (N, T) log μ_θold
+            logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)  # (N, T) log μ_θold
             routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K)
-            with torch.no_grad():
-                old = model(packed.ids, routes=routes_infer if a.replay == "R3" else None)
-                lp_full_old = logprobs_from_logits(response_logits(old.logits, packed), **sampling)  # (N, T, V)
-                logp_old = lp_full_old.gather(-1, packed.targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
-            routes_old = old.routes  # (N, S, L, K) θ_old's own routes (the engine's under R3)
+            # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the mini-batches (rows, order,
+            # padding) the updates will see, so at N = 1 the first update recomputes it bit for bit and r == 1 exactly.
+            order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
+            replay_old = routes_infer if a.replay == "R3" else None
+            logp_old, lp_full_old, routes_old = _old_policy(model, packed, order, replay_old, sampling)
+            # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
+            # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
+            outside = packed.mask & ~torch.isfinite(logp_old)  # (N, T)
+            packed = replace(packed, mask=packed.mask & ~outside)
+            mask = packed.mask  # (N, T)
+            logp_old = logp_old.masked_fill(~mask, 0.0)
             timing["time/old_logprobs"] = time.perf_counter() - t0
+            m["guard/outside_support_frac"] = float(outside.sum()) / max(1, int(ro.mask.sum()))
             m |= diag.entropy(lp_full_old, mask)
             m |= diag.train_inference_kl(logp_old, logp_infer, mask)
             tok_mask = seq_token_mask(packed)
@@ -159,20 +165,29 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
             # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
             t0 = time.perf_counter()
-            order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps) if t.warmup_steps else t.lr
             for group in opt.param_groups:
                 group["lr"] = lr
+            probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0
             mb_stats: list[dict] = []
             skipped = 0
-            for idx in order:
+            for j, idx in enumerate(order):
                 mb = _select(packed, idx)
                 S = mb.ids.shape[1]
                 replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]
                 cur = model(mb.ids, routes=None if replay is None else replay[idx, :S])
                 logp = logprobs_from_logits(response_logits(cur.logits, mb), **sampling)
                 logp = logp.gather(-1, mb.targets[..., None]).squeeze(-1)  # (n, T)
-                out = policy_loss(a.loss, logp, logp_old[idx], logp_infer[idx], adv[idx], mb.mask, **hp)
+                # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it
+                keep = mb.mask & torch.isfinite(logp.detach())  # (n, T)
+                if not keep.any():
+                    continue
+                out = policy_loss(a.loss, logp, logp_old[idx], logp_infer[idx], adv[idx], keep, **hp)
+                if probe and j == N - 1:
+                    # E9 on the last (most stale) mini-batch, at the weights its update sees: w = π_θ/μ_θold
+                    # holds exactly the discrepancy and staleness this gradient is computed under.
+                    m |= diag.fidelity(logp, logp_infer[idx], adv[idx], keep, list(model.parameters()),
+                                       retain_graph=True)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -195,16 +210,6 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 writer.close()
                 raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient "
                                 f"(last at step {step}); lower train.lr or check the data (metrics in {writer.path})")
-            # ---- E9 first-order fidelity on a probe mini-batch, with the policy after this step's updates ----
-            if t.fidelity_every and (step + 1) % t.fidelity_every == 0:
-                idx = order[0]
-                mb = _select(packed, idx)
-                replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]
-                cur = model(mb.ids, routes=None if replay is None else replay[idx, : mb.ids.shape[1]])
-                logp = logprobs_from_logits(response_logits(cur.logits, mb), **sampling)
-                logp = logp.gather(-1, mb.targets[..., None]).squeeze(-1)
-                m |= diag.fidelity(logp, logp_infer[idx], adv[idx], mb.mask, [p for p in model.parameters()])
-                model.zero_grad(set_to_none=True)
             # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
             t0 = time.perf_counter()
             engine.sync(model)
@@ -227,12 +232,33 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     return result
 
 
+@torch.no_grad()
+def _old_policy(model, packed: Packed, order: torch.Tensor, replay: torch.Tensor | None, sampling: dict):
+    """θ_old forward per mini-batch -> logp_old (N, T), full log-probs (N, T, V), routes (N, S, L, K) or None."""
+    N, T = packed.mask.shape
+    logp_old = torch.zeros(N, T)  # (N, T)
+    lp_full = torch.zeros(N, T, model.config.vocab_size)  # (N, T, V)
+    routes = None
+    for idx in order:
+        mb = _select(packed, idx)
+        S, t = mb.ids.shape[1], mb.mask.shape[1]
+        out = model(mb.ids, routes=None if replay is None else replay[idx, :S])
+        lp = logprobs_from_logits(response_logits(out.logits, mb), **sampling)  # (n, t, V)
+        lp_full[idx, :t] = lp
+        logp_old[idx, :t] = lp.gather(-1, mb.targets[..., None]).squeeze(-1)
+        if out.routes is not None:
+            if routes is None:
+                routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=torch.long)
+            routes[idx, :S] = out.routes
+    return logp_old, lp_full, routes
+
+
 def _select(p: Packed, idx: torch.Tensor) -> Packed:
     """Rows `idx` of a packed batch, trimmed to their own longest sequence (less compute per mini-batch)."""
-    S = int((p.prompt_lens[idx] + p.mask[idx].sum(1)).max())
-    T = max(1, int(p.mask[idx].sum(1).max()))
+    S = int((p.prompt_lens[idx] + p.resp_lens[idx]).max())
+    T = max(1, int(p.resp_lens[idx].max()))
     return Packed(p.ids[idx, :S], p.resp_pos[idx, :T].clamp(max=S - 1), p.targets[idx, :T], p.mask[idx, :T],
-                  p.prompt_lens[idx])
+                  p.prompt_lens[idx], p.resp_lens[idx])
 
 
 def _mean_dicts(rows: list[dict]) -> dict:

@@ -15,7 +15,9 @@ from stablerl.metrics import read_metrics
 from stablerl.trainer import train
 
 TINY = ["train.batch_prompts=2", "train.group_size=4", "engine.max_new_tokens=12", "task.n_heldout=8",
-        "task.n_train=64", "train.eval_every=0", "train.fidelity_every=1", "train.lr=1e-3"]
+        "task.n_train=64", "train.eval_every=0", "train.fidelity_every=1", "train.lr=1e-3",
+        "task.reward=reward_fixtures:has_seven"]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
 def _run(tmp_path, name, extra):
@@ -29,15 +31,14 @@ def test_on_policy_fp32_staleness_is_exactly_one_with_top_p(tmp_path):
     # clipped; top_p = 0.9 must not bias the ratios (both sides use the same truncated, renormalised support).
     rows = _run(tmp_path, "onpol", ["train.steps=2", "engine.numerics=fp32", "engine.top_p=0.9"])
     steps = [r for r in rows if "is/staleness_max" in r]
-    assert len(steps) == 2
+    assert len(steps) == 2 and any(r["reward/zero_std_frac"] < 1 for r in steps)
     for r in steps:
         assert r["is/staleness_min"] == 1.0 and r["is/staleness_max"] == 1.0
         assert r["clip/frac"] == 0.0
         assert abs(r["is/discrepancy_max"] - 1) < 1e-3 and abs(r["is/discrepancy_min"] - 1) < 1e-3
         assert r["route/infer_vs_train/mean"] == 1.0
-        # E9 is logged every step here; with a random-init policy every reward is 0, every advantage is 0, both
-        # gradients vanish and the cosine is undefined (written as null, never a made-up number)
-        assert "fidelity/cosine" in r and "fidelity/abs_log_W_max" in r
+        if r["reward/zero_std_frac"] < 1:  # some group has signal: E9 is defined, and on-policy fp32 is first order
+            assert r["fidelity/cosine"] > 0.9999 and r["fidelity/abs_log_W_max"] < 1e-4
 
 
 def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
@@ -54,7 +55,7 @@ def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
 def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}",
                         "name=smoke", *TINY, "train.steps=2", "train.eval_every=1", "train.save_every=1"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "smoke"
     assert load_config(run / "config.yaml").train.steps == 2
@@ -79,7 +80,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     args = ["train.steps=5", "train.save_every=1", "train.keep_checkpoints=10", *TINY]
     _run(tmp_path, "straight", args)
     cmd = [sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}", "name=killed", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=ENV)
     ck = tmp_path / "killed" / "checkpoints" / "step_000002"
     deadline = time.time() + 240
     while not ck.exists() and time.time() < deadline and proc.poll() is None:
@@ -87,7 +88,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert ck.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
 
     def strip(rows):
