@@ -30,7 +30,7 @@ from stablerl.model import get_model
 from stablerl.rewards import score
 from stablerl.sampling import logprobs_from_logits
 from stablerl.sequences import Packed, pack, response_logits
-from stablerl.sft import DTYPES, lr_at, train_examples
+from stablerl.sft import DTYPES, train_examples
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
             # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
             t0 = time.perf_counter()
-            lr = lr_at(step, t.lr, t.warmup_steps, t.steps) if t.warmup_steps else t.lr
+            lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))  # linear warmup, then constant
             for group in opt.param_groups:
                 group["lr"] = lr
             probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0

@@ -1,0 +1,64 @@
+"""The CLI end to end on tiny inputs: cold-start SFT, eval reproducing its accuracy, and bad dataset files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stablerl.cli import main
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "stablerl", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "name, content, where, what",
+    [
+        ("missing.jsonl", '{"prompt": "Q: 1+1\\n", "answer": "2"}\n{"prompt": "Q: 2+2\\n"}\n', ":2:", "'answer'"),
+        ("wrongtype.jsonl", '{"prompt": ["Q: 1+1"], "answer": "2"}\n', ":1:", "'prompt'"),
+        ("empty.jsonl", "", "empty.jsonl", "empty"),
+        ("broken.jsonl", '{"prompt": "Q: 1+1\\n", "answer": "2"}\n{"prompt": \n', ":2:", "JSON"),
+        ("bad.csv", "prompt,answer\nQ: 1+1,2,extra\n", ":2", ""),
+    ],
+)
+def test_eval_bad_data_file_one_line_error(tmp_path, name, content, where, what):
+    f = tmp_path / name
+    f.write_text(content)
+    r = _cli("eval", "--model", "tiny-moe", "--data", str(f))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert name in lines[0] and where in lines[0] and what in lines[0], lines[0]
+
+
+def test_eval_unreadable_and_missing_file(tmp_path):
+    r = _cli("eval", "--model", "tiny-moe", "--data", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')
+    r = _cli("eval", "--model", "tiny-moe", "--data", str(f))
+    assert r.returncode == 2 and "latin1.jsonl" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
+    # a short SFT on an easy variant of the default task, so that accuracy is well above 0 in seconds
+    knobs = ["task.knobs={digits: 1, n_terms: 2}", "task.n_train=64", "task.n_heldout=32"]
+    assert main(["sft", f"out_dir={tmp_path}", "name=cold", "sft.steps=60", "sft.batch_size=32", *knobs]) == 0
+    summary = json.loads((tmp_path / "cold" / "sft.json").read_text())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "cold" / "model").iterdir()}
+    out = tmp_path / "eval.json"
+    # the same held-out problems through the eval CLI: the built-in task with the same knobs
+    from stablerl.config import TaskConfig
+    from stablerl.data import write_jsonl
+    from stablerl.evaluate import load_eval_set
+
+    ex = load_eval_set(TaskConfig(knobs={"digits": 1, "n_terms": 2}, n_heldout=32))
+    write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": e.prompt, "answer": e.answer} for e in ex])
+    assert main(["eval", "--model", str(tmp_path / "cold" / "model"), "--data", str(tmp_path / "heldout.jsonl"),
+                 "--output", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["n"] == summary["n_heldout"] == 32
+    assert got["accuracy"] == summary["heldout_accuracy"]
+    assert 0 < got["accuracy"]
