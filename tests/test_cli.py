@@ -47,7 +47,8 @@ def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
     knobs = ["task.knobs={digits: 1, n_terms: 2}", "task.n_train=64", "task.n_heldout=32"]
     assert main(["sft", f"out_dir={tmp_path}", "name=cold", "sft.steps=60", "sft.batch_size=32", *knobs]) == 0
     summary = json.loads((tmp_path / "cold" / "sft.json").read_text())
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "cold" / "model").iterdir()}
+    written = {p.name for p in (tmp_path / "cold" / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= written
     out = tmp_path / "eval.json"
     # the same held-out problems through the eval CLI: the built-in task with the same knobs
     from stablerl.config import TaskConfig
