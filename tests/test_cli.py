@@ -44,7 +44,7 @@ def test_eval_unreadable_and_missing_file(tmp_path):
 @pytest.mark.slow
 def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
     # a short SFT on an easy variant of the default task, so that accuracy is well above 0 in seconds
-    knobs = ["task.knobs={digits: 1, n_terms: 2}", "task.n_train=64", "task.n_heldout=32"]
+    knobs = ["task.knobs={digits: 1, n_terms: 3}", "task.n_train=64", "task.n_heldout=24"]
     assert main(["sft", f"out_dir={tmp_path}", "name=cold", "sft.steps=60", "sft.batch_size=32", *knobs]) == 0
     summary = json.loads((tmp_path / "cold" / "sft.json").read_text())
     written = {p.name for p in (tmp_path / "cold" / "model").iterdir()}
@@ -55,11 +55,11 @@ def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
     from stablerl.data import write_jsonl
     from stablerl.evaluate import load_eval_set
 
-    ex = load_eval_set(TaskConfig(knobs={"digits": 1, "n_terms": 2}, n_heldout=32))
+    ex = load_eval_set(TaskConfig(knobs={"digits": 1, "n_terms": 3}, n_heldout=24))
     write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": e.prompt, "answer": e.answer} for e in ex])
     assert main(["eval", "--model", str(tmp_path / "cold" / "model"), "--data", str(tmp_path / "heldout.jsonl"),
                  "--output", str(out)]) == 0
     got = json.loads(out.read_text())
-    assert got["n"] == summary["n_heldout"] == 32
+    assert got["n"] == summary["n_heldout"] == 24
     assert got["accuracy"] == summary["heldout_accuracy"]
     assert 0 < got["accuracy"]
