@@ -157,27 +157,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class KVCache:
-    """Static per-layer K/V buffers for batched decoding (used by the inference engine).
-
-    Rows are left-padded so that every row writes the same slot at each decode step; `valid` marks
-    which slots hold real tokens so padding is never attended to.
-    """
-
-    def __init__(self, cfg: ModelConfig, n: int, max_len: int, dtype: torch.dtype, device=None):
-        shape = (n, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.valid = torch.zeros(n, max_len, dtype=torch.bool, device=device)  # (N, S)
-        self.length = 0  # slots filled so far (same for every row)
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (finished rows dropped), in place."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
-        self.valid = self.valid[rows]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -191,7 +170,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, attn_mask: torch.Tensor | None):
+    def forward(self, x, cos, sin):
         N, T, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_proj(x).view(N, T, -1, d)  # (N, T, nh, D)
@@ -202,19 +181,10 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            s0 = cache.length
-            cache.k[self.layer][:, :, s0:s0 + T] = k
-            cache.v[self.layer][:, :, s0:s0 + T] = v
-            k = cache.k[self.layer][:, :, :s0 + T]  # (N, nkv, S, D)
-            v = cache.v[self.layer][:, :, :s0 + T]
         rep = q.shape[1] // k.shape[1]  # GQA: each kv head serves `rep` query heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, nh, T, D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, nh, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(N, T, -1))
 
 
@@ -309,29 +279,19 @@ class Transformer(nn.Module):
     def is_moe(self) -> bool:
         return bool(self.config.moe_layers)
 
-    def forward(self, ids: torch.Tensor, routes: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, key_valid: torch.Tensor | None = None) -> ModelOutput:
-        """ids (N, T). Without a cache: causal attention over right-padded rows (positions 0..T-1).
-        With a cache: `positions` (N, T) and `key_valid` (N, S) for left-padded rows; the cache advances by T.
+    def forward(self, ids: torch.Tensor, routes: torch.Tensor | None = None) -> ModelOutput:
+        """ids (N, T): causal attention over right-padded rows at positions 0..T-1 (the training layout; the
+        inference engine's KV-cache decode lives in stablerl/decode.py).
         routes (N, T, L, K): replay these experts (E7) instead of the router's top-k.
         """
         N, T = ids.shape
         x = self.model.embed_tokens(ids)  # (N, T, H)
-        if positions is None:
-            positions = torch.arange(T, device=ids.device).expand(N, T)
-        freqs = positions[..., None].float() * self.inv_freq  # (N, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (N, 1, T, D)
+        freqs = torch.arange(T, device=ids.device).float()[:, None] * self.inv_freq  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D), broadcast over (N, heads)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        attn_mask = None
-        if cache is not None:
-            s0 = cache.length
-            S = s0 + T
-            cache.valid[:, s0:S] = True if key_valid is None else key_valid[:, s0:S]
-            causal = torch.ones(T, S, dtype=torch.bool, device=ids.device).tril(diagonal=s0)  # (T, S)
-            attn_mask = causal[None, None] & cache.valid[:, None, None, :S]  # (N, 1, T, S)
         used, li = [], 0
         for block in self.model.layers:
-            x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, attn_mask)
+            x = x + block.self_attn(block.input_layernorm(x), cos, sin)
             h = block.post_attention_layernorm(x)
             if block.is_moe:
                 h, r = block.mlp(h, None if routes is None else routes[:, :, li])
@@ -340,8 +300,6 @@ class Transformer(nn.Module):
             else:
                 h = block.mlp(h)
             x = x + h
-        if cache is not None:
-            cache.length += T
         logits = self.lm_head(self.model.norm(x)).float()  # (N, T, V)
         return ModelOutput(logits, torch.stack(used, dim=2) if used else None)
 
