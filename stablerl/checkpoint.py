@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,11 +22,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, extra
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    model.save(tmp / "model", tokenizer=tokenizer)
-    for f in (tmp / "model").iterdir():  # flatten: the checkpoint dir itself is an HF model dir
-        f.replace(tmp / f.name)
-    (tmp / "model").rmdir()
+    tmp = root / f".step_{step:06d}.partial"  # hidden from list_checkpoints; a crash's leftover is replaced
+    model.save(tmp, tokenizer=tokenizer)  # the checkpoint dir itself is an HF model dir
     torch.save({"step": step, "optimizer": optimizer.state_dict(), **extra}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
