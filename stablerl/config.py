@@ -289,7 +289,7 @@ def _merge(dst: dict, src: dict) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot work fail before any compute is spent."""
-    from stablerl.algorithm import LOSSES
+    from stablerl.algorithm import LOSSES, make_hp
 
     if cfg.algo.loss not in LOSSES:
         close = difflib.get_close_matches(cfg.algo.loss, list(LOSSES), n=1)
@@ -309,8 +309,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.top_p: got {cfg.engine.top_p}, expected 0 < top_p <= 1")
     if cfg.engine.temperature < 0:
         raise ConfigError(f"engine.temperature: got {cfg.engine.temperature}, expected >= 0")
-    if not (0 <= cfg.algo.eps_low < 1 and cfg.algo.eps_high >= 0):
-        raise ConfigError("algo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
+    a = cfg.algo
+    try:  # the loss's own hyperparameter checks, run at load time so a bad value fails before any compute
+        make_hp(eps_low=a.eps_low, eps_high=a.eps_high, is_rule=a.is_rule, is_trunc=a.is_trunc, is_low=a.is_low,
+                is_high=a.is_high, max_tokens=cfg.engine.max_new_tokens)
+    except ValueError as e:
+        raise ConfigError(f"algo.{e}") from None
     if t.lr <= 0 or cfg.sft.lr <= 0:
         raise ConfigError("train.lr / sft.lr: expected > 0")
 
