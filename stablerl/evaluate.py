@@ -25,18 +25,6 @@ class EvalResult:
                 "mean_length": self.mean_length}
 
 
-def load_eval_set(task_cfg, n: int | None = None) -> list[Example]:
-    """The held-out examples a config points at: a data file, or the built-in task's held-out split."""
-    from stablerl.data import load_examples
-    from stablerl.tasks import get_task
-
-    if task_cfg.heldout_data:
-        ex = load_examples(task_cfg.heldout_data, prompt_key=task_cfg.prompt_key, answer_key=task_cfg.answer_key)
-    else:
-        ex = get_task(task_cfg.name, **task_cfg.knobs).heldout(task_cfg.n_heldout, seed=0)
-    return ex[:n] if n else ex
-
-
 @torch.inference_mode()
 def evaluate(engine: Engine, examples: list[Example], max_new_tokens: int, k: int = 0, reward: str = "math",
              timeout: float = 5.0, seed: int = 0, n_samples: int = 4, batch: int = 256) -> EvalResult:

@@ -17,13 +17,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stablerl.config import Config, save_config, task_reward
-from stablerl.data import Example
 from stablerl.engine import Engine
 from stablerl.errors import UserError
-from stablerl.evaluate import evaluate, load_eval_set
+from stablerl.evaluate import evaluate
 from stablerl.metrics import MetricsWriter
 from stablerl.model import get_model
 from stablerl.sequences import pack, response_logp
+from stablerl.tasks import task_examples
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -44,21 +44,12 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_examples(cfg: Config) -> list[Example]:
-    from stablerl.data import load_examples
-    from stablerl.tasks import get_task
-
-    if cfg.task.data:
-        return load_examples(cfg.task.data, prompt_key=cfg.task.prompt_key, answer_key=cfg.task.answer_key)
-    return get_task(cfg.task.name, **cfg.task.knobs).train(cfg.task.n_train, seed=0)
-
-
 def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     run_dir = cfg.run_dir()
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     model, tok = get_model(cfg.model, seed=cfg.seed)
-    examples = train_examples(cfg)
+    examples = task_examples(cfg.task, "train")
     style = cfg.sft.style
     missing = [i for i, e in enumerate(examples) if style not in e.traces]
     if missing:
@@ -101,7 +92,7 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     ckpt = run_dir / "model"
     model.save(ckpt, tokenizer=tok)
     engine = Engine(model, tok, numerics="fp32")
-    res = evaluate(engine, load_eval_set(cfg.task), cfg.engine.max_new_tokens, reward=task_reward(cfg.task),
+    res = evaluate(engine, task_examples(cfg.task, "heldout"), cfg.engine.max_new_tokens, reward=task_reward(cfg.task),
                    timeout=cfg.task.reward_timeout, seed=cfg.seed)
     seconds = time.perf_counter() - t0
     writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})

@@ -232,3 +232,15 @@ def get_task(name: str, **knobs) -> Task:
     task = Task(name, sample, reward, {**defaults, **knobs})
     task.sample(random.Random(0), **task.knobs)  # validates the knobs now, not at the first train()
     return task
+
+
+def task_examples(task_cfg, split: str) -> list[Example]:
+    """The `train` or `heldout` examples a `TaskConfig` points at: its data file for that split when it names one,
+    else the built-in task's split (data seed 0, so every run of a task sees the same problems)."""
+    from stablerl.data import load_examples
+
+    path = task_cfg.data if split == "train" else task_cfg.heldout_data
+    if path:
+        return load_examples(path, prompt_key=task_cfg.prompt_key, answer_key=task_cfg.answer_key)
+    task = get_task(task_cfg.name, **task_cfg.knobs)
+    return task.train(task_cfg.n_train, seed=0) if split == "train" else task.heldout(task_cfg.n_heldout, seed=0)

@@ -24,13 +24,14 @@ from stablerl.checkpoint import latest_checkpoint, load_trainer_state, save_chec
 from stablerl.config import Config, check_replay, save_config, task_reward
 from stablerl.engine import Engine, Rollout
 from stablerl.errors import UserError
-from stablerl.evaluate import evaluate, load_eval_set
+from stablerl.evaluate import evaluate
 from stablerl.metrics import MetricsWriter, read_metrics
 from stablerl.model import get_model
 from stablerl.rewards import score
 from stablerl.sampling import logprobs_from_logits
-from stablerl.sequences import Packed, pack, response_logits
-from stablerl.sft import DTYPES, train_examples
+from stablerl.sequences import Packed, pack, response_logits, response_logp
+from stablerl.sft import DTYPES
+from stablerl.tasks import task_examples
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,9 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
         console.print(f"resuming {run_dir} from {ckpt.name}")
     engine = Engine(model, tok, numerics=e.numerics)  # its own copy of the weights, cast to its numerics
     evaluator = Engine(model, tok, numerics="fp32")  # held-out accuracy of the policy itself, not of its bf16 copy
-    examples = train_examples(cfg)
+    examples = task_examples(cfg.task, "train")
     reward_fn = task_reward(cfg.task)
-    heldout = load_eval_set(cfg.task)
+    heldout = task_examples(cfg.task, "heldout")
     writer = MetricsWriter(run_dir, resume_step=start if ckpt is not None else None)
     samples_path = run_dir / "samples.jsonl"
     if ckpt is None and samples_path.exists():
@@ -169,15 +170,14 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             for group in opt.param_groups:
                 group["lr"] = lr
             probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0
+            replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
             mb_stats: list[dict] = []
             skipped = 0
             for j, idx in enumerate(order):
                 mb = _select(packed, idx)
                 S = mb.ids.shape[1]
-                replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]
                 cur = model(mb.ids, routes=None if replay is None else replay[idx, :S])
-                logp = logprobs_from_logits(response_logits(cur.logits, mb), **sampling)
-                logp = logp.gather(-1, mb.targets[..., None]).squeeze(-1)  # (n, T)
+                logp = response_logp(cur.logits, mb, **sampling)  # (n, T) log π_θ, same support rule as logp_old
                 # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it
                 keep = mb.mask & torch.isfinite(logp.detach())  # (n, T)
                 if not keep.any():
@@ -206,7 +206,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             m["guard/skipped_minibatches"] = skipped
             bad_in_row = bad_in_row + 1 if skipped == N else 0
             if bad_in_row >= t.max_bad_steps:
-                writer.log(step, m)
+                writer.log(step + 1, m)  # the step's row, numbered like every other step's
                 writer.close()
                 raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient "
                                 f"(last at step {step}); lower train.lr or check the data (metrics in {writer.path})")

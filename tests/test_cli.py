@@ -53,9 +53,9 @@ def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
     # the same held-out problems through the eval CLI: the built-in task with the same knobs
     from stablerl.config import TaskConfig
     from stablerl.data import write_jsonl
-    from stablerl.evaluate import load_eval_set
+    from stablerl.tasks import task_examples
 
-    ex = load_eval_set(TaskConfig(knobs={"digits": 1, "n_terms": 3}, n_heldout=24))
+    ex = task_examples(TaskConfig(knobs={"digits": 1, "n_terms": 3}, n_heldout=24), "heldout")
     write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": e.prompt, "answer": e.answer} for e in ex])
     assert main(["eval", "--model", str(tmp_path / "cold" / "model"), "--data", str(tmp_path / "heldout.jsonl"),
                  "--output", str(out)]) == 0

@@ -28,12 +28,13 @@ def add_arguments(p):
 
 def run(args) -> int:
     from stablerl.engine import Engine
-    from stablerl.evaluate import evaluate, load_eval_set
+    from stablerl.evaluate import evaluate
     from stablerl.model import get_model
+    from stablerl.tasks import task_examples
 
     task = TaskConfig(name=args.task or "arith", heldout_data=args.data, prompt_key=args.prompt_key,
                       answer_key=args.answer_key)
-    examples = load_eval_set(task, args.n)
+    examples = task_examples(task, "heldout")[: args.n]
     model, tok = get_model(args.model, seed=args.seed)
     engine = Engine(model.eval(), tok, numerics=args.numerics)
     reward = args.reward or task_reward(task)
