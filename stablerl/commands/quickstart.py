@@ -18,7 +18,7 @@ from stablerl.config import load_config
 def add_arguments(p):
     add_config_args(p)
     p.add_argument("--rebuild-cold-start", action="store_true", help="re-run the SFT cold start even if it exists")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
 
 
 def run(args) -> int:

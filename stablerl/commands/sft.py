@@ -9,6 +9,7 @@ def add_arguments(p):
     add_config_args(p)
     p.add_argument("--style", default=None, help="trace style: long | short | answer (overrides sft.style)")
     p.add_argument("--name", default=None, help="run name (overrides name); output goes to runs/<name>/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
 
 
 def run(args) -> int:
@@ -17,7 +18,7 @@ def run(args) -> int:
     extra = ([f"sft.style={args.style}"] if args.style else []) + ([f"name={args.name}"] if args.name else [])
     args.overrides = list(args.overrides) + extra
     cfg = config_from_args(args)
-    res = run_sft(cfg)
+    res = run_sft(cfg, show_progress=not args.no_progress)
     Console().print(f"[bold]sft[/bold] {cfg.sft.style}: held-out greedy accuracy [bold]{res.accuracy:.1%}[/bold], "
                     f"loss {res.final_loss:.3f}, {res.seconds:.0f}s -> {res.checkpoint}")
     return 0
