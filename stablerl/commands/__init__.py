@@ -13,5 +13,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. algo.loss=minirl_no_is train.n_minibatches=4")
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """`--no-progress`, shared by every command with a long-running loop (sft, train, quickstart)."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)

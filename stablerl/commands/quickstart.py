@@ -11,14 +11,14 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
-from stablerl.commands import add_config_args
+from stablerl.commands import add_config_args, add_progress_arg
 from stablerl.config import load_config
 
 
 def add_arguments(p):
     add_config_args(p)
     p.add_argument("--rebuild-cold-start", action="store_true", help="re-run the SFT cold start even if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
+    add_progress_arg(p)
 
 
 def run(args) -> int:

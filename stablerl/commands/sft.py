@@ -2,14 +2,14 @@
 
 from rich.console import Console
 
-from stablerl.commands import add_config_args, config_from_args
+from stablerl.commands import add_config_args, add_progress_arg, config_from_args
 
 
 def add_arguments(p):
     add_config_args(p)
     p.add_argument("--style", default=None, help="trace style: long | short | answer (overrides sft.style)")
     p.add_argument("--name", default=None, help="run name (overrides name); output goes to runs/<name>/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
+    add_progress_arg(p)
 
 
 def run(args) -> int:

@@ -2,13 +2,13 @@
 
 from rich.console import Console
 
-from stablerl.commands import add_config_args, config_from_args
+from stablerl.commands import add_config_args, add_progress_arg, config_from_args
 
 
 def add_arguments(p):
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/ from its latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
+    add_progress_arg(p)
 
 
 def run(args) -> int:
