@@ -80,7 +80,7 @@ class SFTConfig:
     """Cold-start supervised fine-tuning on solution traces (loss on response tokens only)."""
 
     style: str = "long"  # trace style of the task: long | short | answer
-    steps: int = 320  # ~2.5 min on 2 cores; lands the default task at ~60% held-out (docs/log.md)
+    steps: int = 320  # 2-6 min on 2 cores; lands the default task at ~40% held-out with 2 threads (docs/log.md)
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 30
