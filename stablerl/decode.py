@@ -16,7 +16,9 @@ before P·V), as FlashAttention-style kernels do.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -38,16 +40,46 @@ def quantize_e4m3(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.T
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-class CastLinear(nn.Module):
-    """y = x Wᵀ + b with W stored in the compute dtype (fp32 / bf16 / fp16)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(w for line in text.splitlines() if line.startswith(("flags", "Features")) for w in line.split())
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+
+def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `dtype` GEMMs have hardware support here. x86 CPUs without AVX512-BF16 / AMX run torch's bf16 GEMMs
+    in slow generic code: 27 ms vs 0.32 ms in fp32 for 256x256x256 on an AVX2 EPYC (docs/log.md 2026-11-29).
+    Unknown CPUs (no /proc/cpuinfo) are taken to have it."""
+    if dtype in (torch.float32, torch.float64) or device.type != "cpu" or not _cpu_flags():
+        return True
+    need = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"},  # x86 flags; `bf16` is aarch64's feature
+            torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}[dtype]
+    return bool(need & _cpu_flags())
+
+
+class CastLinear(nn.Module):
+    """y = x Wᵀ + b with W stored in the compute dtype (fp32 / bf16 / fp16).
+
+    `emulate` (CPUs without native low-precision GEMMs, see `native_gemm`): W and b hold their rounded values in
+    fp32 and the GEMM runs in fp32 on the (exactly widened) low-precision input, then rounds its output once. The
+    products of two bf16 or fp16 numbers are exact in fp32, so this is a low-precision GEMM with fp32 accumulation
+    and one rounding (what bf16 tensor cores and AVX512-BF16 compute), on fast fp32 kernels. torch's generic CPU
+    kernels round a few last bits differently (bias added after rounding): on tiny-moe, logits of the emulated and
+    the native bf16 engine differ by 0.006, against 0.08 between bf16 and fp32 (tests/test_engine.py)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, emulate: bool = False):
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(dtype).clone())  # (out, in): never the trainer's tensor
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        store = torch.float32 if emulate else dtype
+        self.dtype = dtype
+        # (out, in): never the trainer's tensor
+        self.register_buffer("weight", weight.detach().to(dtype).to(store).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).to(store).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(self.dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -70,8 +102,8 @@ class Fp8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def make_linear(weight, bias, numerics: str) -> nn.Module:
-    return Fp8Linear(weight, bias) if numerics == "fp8" else CastLinear(weight, bias, NUMERICS[numerics])
+def make_linear(weight, bias, numerics: str, emulate: bool = False) -> nn.Module:
+    return Fp8Linear(weight, bias) if numerics == "fp8" else CastLinear(weight, bias, NUMERICS[numerics], emulate)
 
 
 class Experts(nn.Module):
@@ -82,9 +114,10 @@ class Experts(nn.Module):
     Padding wins while groups are even and calls are dear: small bf16 GEMMs cost ~30 µs per call on CPU, fp32
     ones much less, so the padded path is taken up to `pad_limit` times the routed rows (measured, tiny-moe)."""
 
-    def __init__(self, experts: nn.ModuleList, numerics: str):
+    def __init__(self, experts: nn.ModuleList, numerics: str, emulate: bool = False):
         super().__init__()
         self.fp8, dtype = numerics == "fp8", NUMERICS[numerics]
+        self.out_dtype = dtype
         gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]).detach()  # (E, 2I, H)
         dn = torch.stack([e.down_proj.weight for e in experts]).detach()  # (E, H, I)
         if self.fp8:  # scales per expert and output channel, like Fp8Linear
@@ -92,15 +125,17 @@ class Experts(nn.Module):
             self.register_buffer("gu_scale", gs.transpose(1, 2))  # (E, 1, 2I)
             self.register_buffer("down_scale", ds.transpose(1, 2))  # (E, 1, H)
             dtype = torch.float32  # e4m3 values are exact in fp32 (see Fp8Linear)
+        elif emulate:  # the rounded weights held in fp32 (see CastLinear)
+            gu, dn, dtype = gu.to(dtype), dn.to(dtype), torch.float32
         self.register_buffer("gate_up", gu.to(dtype).transpose(1, 2).contiguous())  # (E, H, 2I)
         self.register_buffer("down", dn.to(dtype).transpose(1, 2).contiguous())  # (E, I, H)
         self.inter = dn.shape[2]
         self.pad_limit = 1.1 if dtype == torch.float32 else 2.4
 
     def _quant(self, x):
-        """fp8: per-row e4m3 activations (values exact in fp32) and their scales; else x as is."""
+        """fp8: per-row e4m3 activations (values exact in fp32) and their scales; else x in the GEMM dtype."""
         if not self.fp8:
-            return x, None
+            return x.to(self.gate_up.dtype), None
         q, scale = quantize_e4m3(x)
         return q.float(), scale
 
@@ -111,12 +146,10 @@ class Experts(nn.Module):
         dest = e_sorted * C + rank  # (M*K,) row of each slot in the padded layout
         buf, xscale = self._quant(xs.new_zeros(E * C, H).index_copy_(0, dest, xs).view(E, C, H))
         g = torch.bmm(buf, self.gate_up)  # (E, C, 2I)
-        if self.fp8:
-            g = (g * xscale * self.gu_scale).to(torch.bfloat16)
+        g = (g * xscale * self.gu_scale if self.fp8 else g).to(self.out_dtype)  # one rounding of the fp32 sums
         h, hscale = self._quant(F.silu(g[..., :inter]) * g[..., inter:])  # (E, C, I); padding rows stay 0
         y = torch.bmm(h, self.down)  # (E, C, H)
-        if self.fp8:
-            y = (y * hscale * self.down_scale).to(torch.bfloat16)
+        y = (y * hscale * self.down_scale if self.fp8 else y).to(self.out_dtype)
         return y.view(E * C, H)[dest]
 
     def _grouped(self, xs, e_sorted, counts):
@@ -126,15 +159,12 @@ class Experts(nn.Module):
         g = xq.new_empty(xs.shape[0], 2 * self.inter)  # (M*K, 2I)
         for e, a, b in bounds:
             torch.mm(xq[a:b], self.gate_up[e], out=g[a:b])
-        if self.fp8:
-            g = (g * xscale * self.gu_scale[e_sorted, 0]).to(torch.bfloat16)
+        g = (g * xscale * self.gu_scale[e_sorted, 0] if self.fp8 else g).to(self.out_dtype)
         h, hscale = self._quant(F.silu(g[:, :self.inter]) * g[:, self.inter:])  # (M*K, I)
         y = h.new_empty(xs.shape)  # (M*K, H)
         for e, a, b in bounds:
             torch.mm(h[a:b], self.down[e], out=y[a:b])
-        if self.fp8:
-            y = (y * hscale * self.down_scale[e_sorted, 0]).to(torch.bfloat16)
-        return y
+        return (y * hscale * self.down_scale[e_sorted, 0] if self.fp8 else y).to(self.out_dtype)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         (M, K), E = idx.shape, self.gate_up.shape[0]
@@ -181,6 +211,9 @@ class InferenceModel(nn.Module):
         self.cfg, self.numerics, self.dtype = cfg, numerics, NUMERICS[numerics]
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dt = self.dtype
+        # same numerics either way; only which kernels compute them (see native_gemm, CastLinear)
+        self.emulated = not native_gemm(dt, model.lm_head.weight.device)
+        em = self.emulated
         src = model.model
         self.embed = src.embed_tokens.weight.detach().to(dt).clone()  # (V, H)
         self.layers = []
@@ -189,24 +222,25 @@ class InferenceModel(nn.Module):
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
             lay = {"ln1": blk.input_layernorm.weight.detach().to(dt).clone(),
                    "ln2": blk.post_attention_layernorm.weight.detach().to(dt).clone(),
-                   "qkv": make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias, numerics),
-                   "o": make_linear(a.o_proj.weight, a.o_proj.bias, numerics)}
+                   "qkv": make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias, numerics,
+                                      em),
+                   "o": make_linear(a.o_proj.weight, a.o_proj.bias, numerics, em)}
             if cfg.qk_norm:  # one weight row per q head then per k head: (nh + nkv, D)
                 lay["qk_norm"] = torch.cat([a.q_norm.weight.detach().expand(self.nh, -1),
                                             a.k_norm.weight.detach().expand(self.nkv, -1)]).to(dt).clone()
             m = blk.mlp
             if blk.is_moe:
                 # The router stays in the activation dtype even under fp8, as fp8 serving stacks keep it.
-                lay["router"] = CastLinear(m.gate.weight, None, dt)
-                lay["experts"] = Experts(m.experts, numerics)
+                lay["router"] = CastLinear(m.gate.weight, None, dt, em)
+                lay["experts"] = Experts(m.experts, numerics, em)
                 lay["k"], lay["norm_topk"] = m.k, m.norm_topk
             else:
                 gb = None if m.gate_proj.bias is None else torch.cat([m.gate_proj.bias, m.up_proj.bias])
-                lay["gate_up"] = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gb, numerics)
-                lay["down"] = make_linear(m.down_proj.weight, m.down_proj.bias, numerics)
+                lay["gate_up"] = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gb, numerics, em)
+                lay["down"] = make_linear(m.down_proj.weight, m.down_proj.bias, numerics, em)
             self.layers.append(lay)
         self.norm = src.norm.weight.detach().to(dt).clone()
-        self.lm_head = CastLinear(model.lm_head.weight, None, dt)  # kept in the activation dtype under fp8 too
+        self.lm_head = CastLinear(model.lm_head.weight, None, dt, em)  # kept in the activation dtype under fp8 too
         ctx = cfg.max_position_embeddings
         inv_freq = model.inv_freq.float()
         freqs = torch.arange(ctx, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq  # (ctx, D/2)

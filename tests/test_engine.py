@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from stablerl import decode
 from stablerl.cli import main
 from stablerl.config import EngineConfig
+from stablerl.decode import CastLinear
 from stablerl.engine import Engine, Experts, Fp8Linear, quantize_e4m3
 from stablerl.errors import UserError
 from stablerl.model import ModelConfig, build_model, get_model
@@ -259,6 +261,43 @@ def test_padded_and_grouped_expert_dispatch_agree_exactly(moe, numerics):
             for k in range(2):
                 ref[t] += model.model.layers[0].mlp.experts[int(idx[t, k])](x[t]) * w[t, k]
         assert (grouped - ref).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_low_precision_linear_is_one_rounding_of_the_exact_result(dtype):
+    gen = torch.Generator().manual_seed(0)
+    w, b = 0.05 * torch.randn(96, 128, generator=gen), 0.1 * torch.randn(96, generator=gen)
+    x = torch.randn(64, 128, generator=gen).to(dtype)
+    lin = CastLinear(w, b, dtype, emulate=True)
+    assert lin.weight.dtype == torch.float32 and torch.equal(lin.weight, w.to(dtype).float())  # rounded values
+    y = lin(x)
+    exact = x.double() @ w.to(dtype).double().T + b.to(dtype).double()  # (64, 96) low-precision operands, no error
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    assert y.dtype == dtype and ((y.double() - exact).abs() <= ulp).all()  # one rounding: within one ulp
+
+
+def _prefill_logits(model, numerics, native, monkeypatch, ids):
+    monkeypatch.setattr(decode, "native_gemm", lambda dtype, device: native)
+    m = decode.InferenceModel(model, numerics)
+    assert m.emulated == (not native)
+    N, T = ids.shape
+    cache = m.new_cache(N, T, ids.device)
+    cache.valid[:] = True
+    with torch.no_grad():
+        return torch.stack([m(ids[:, t:t + 1], torch.full((N, 1), t), cache, t, False)[0] for t in range(T)], 1)
+
+
+def test_emulated_bf16_engine_is_native_bf16_not_fp32(moe, monkeypatch):
+    """On CPUs without bf16 GEMMs the engine emulates them: the bf16 numerics (what E3's discrepancy measures) must
+    stay those of native bf16, not drift to fp32."""
+    model, _ = moe
+    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    native = _prefill_logits(model, "bf16", True, monkeypatch, ids)
+    emulated = _prefill_logits(model, "bf16", False, monkeypatch, ids)
+    fp32 = _prefill_logits(model, "fp32", True, monkeypatch, ids)
+    gap_fp32 = (native - fp32).abs().max()
+    assert gap_fp32 > 0.01  # bf16 is visibly not fp32 here
+    assert (native - emulated).abs().max() < 0.25 * gap_fp32  # measured 0.07x
 
 
 def test_fp8_quantisation_is_per_channel_e4m3():
