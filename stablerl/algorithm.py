@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,19 @@ IS_RULES = ("none", "truncate", "mask")
 class LossOutput:
     loss: torch.Tensor  # () scalar to minimise; carries the graph of `logp`
     stats: dict[str, float]  # namespaced diagnostics (`clip/`, `is/`, `mask/`, `loss/`); no caller prefix
+
+
+class BatchSize(NamedTuple):
+    """The sizes the aggregations divide by, taken from a whole (mini-)batch when a loss sees only part of it."""
+
+    rows: int  # N: `constant` divides by rows · max_tokens
+    tokens: int  # response tokens: `token_mean`
+    nonempty: int  # responses with at least one token: `seq_mean_token_mean`
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> BatchSize:
+        lengths = mask.sum(dim=1)  # (N,)
+        return cls(mask.shape[0], int(lengths.sum()), int((lengths > 0).sum()))
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class LossHP:
     """Lower edge of the `mask` rule's band; tokens with π_old/μ below it get no gradient."""
     is_high: float = 2.0
     """Upper edge of the `mask` rule's band."""
+    batch: BatchSize | None = None
+    """Sizes of the whole mini-batch when the loss is given only some of its rows (the trainer leaves out rows with
+    Â = 0: no registered loss has a gradient there). Aggregations divide by these, so loss and gradient equal those
+    of the whole mini-batch. None: the rows given are the whole batch."""
 
 
 @dataclass(frozen=True)
@@ -141,24 +159,27 @@ def clip_mask(
     return clip_low, clip_high
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None) -> torch.Tensor:
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None,
+              batch: BatchSize | None = None) -> torch.Tensor:
     """Reduce per-token values x (N, T) over response tokens to a scalar.
 
     constant: Σ x / (N · max_tokens), a C independent of response lengths (E5; max_tokens defaults to T).
     seq_mean_token_mean: mean over non-empty responses of each response's token mean (length normalisation).
     token_mean: Σ x / number of response tokens.
+    `batch`: divide by the sizes of this whole batch instead of those of the rows given (see `LossHP.batch`).
     """
     if mode not in AGG_MODES:
         raise ValueError(f"mode: unknown aggregation {mode!r}; valid: {', '.join(AGG_MODES)}")
     x = x.masked_fill(~mask, 0.0)  # (N, T)
+    size = batch or BatchSize.of(mask)
     if mode == "constant":
-        return x.sum() / (mask.shape[0] * (mask.shape[1] if max_tokens is None else max_tokens))
+        return x.sum() / (size.rows * (mask.shape[1] if max_tokens is None else max_tokens))
     if mode == "token_mean":
-        return x.sum() / mask.sum().clamp_min(1)
+        return x.sum() / max(1, size.tokens)
     lengths = mask.sum(dim=1)  # (N,)
     seq_means = x.sum(dim=1) / lengths.clamp_min(1)  # (N,)
     # empty responses have no length to normalise by; they drop out instead of diluting the mean
-    return seq_means.sum() / (lengths > 0).sum().clamp_min(1)
+    return seq_means.sum() / max(1, size.nonempty)
 
 
 def sequence_log_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -211,7 +232,7 @@ def _masked_reinforce(logp, iw: ISWeights, adv, mask, hp: LossHP, agg: str, corr
     # sg[w]: the weight scales the REINFORCE term, it is not itself optimised. Zero it before the product
     # so a dropped token's gradient is exactly 0 even if its weight overflowed (0·inf would be NaN)
     per_token = -(weight.detach().masked_fill(~keep, 0.0) * adv[:, None] * logp)  # (N, T)
-    loss = aggregate(per_token, mask, agg, hp.max_tokens)
+    loss = aggregate(per_token, mask, agg, hp.max_tokens, hp.batch)
     return _output(loss, mask, keep, clip_low, clip_high, extra)
 
 
@@ -242,7 +263,7 @@ def grpo(logp, iw, adv, mask, hp):
     surrogate = torch.minimum(r * a, r.clamp(1 - hp.eps_low, 1 + hp.eps_high) * a)  # (N, T)
     # the discrepancy factor rides outside the PPO min, as in TIS/MIS: it corrects the sampler, not the step
     per_token = -(d.detach().masked_fill(~rule_keep, 0.0) * surrogate)  # (N, T)
-    loss = aggregate(per_token, mask, "seq_mean_token_mean")
+    loss = aggregate(per_token, mask, "seq_mean_token_mean", batch=hp.batch)
     # the min's clipped branch has zero gradient exactly where E5's mask fires, so the same stats apply
     low, high = clip_mask(r.detach(), adv, hp.eps_low, hp.eps_high)
     keep = mask & rule_keep & ~(low | high)
@@ -258,7 +279,7 @@ def cispo(logp, iw, adv, mask, hp):
     capped = weight.detach().clamp(max=1 + hp.eps_high)  # (N, T)
     keep = mask & rule_keep
     per_token = -(capped.masked_fill(~keep, 0.0) * adv[:, None] * logp)  # (N, T)
-    loss = aggregate(per_token, mask, "token_mean")
+    loss = aggregate(per_token, mask, "token_mean", batch=hp.batch)
     high = mask & (weight.detach() > 1 + hp.eps_high)  # capped, not masked
     return _output(loss, mask, keep, torch.zeros_like(mask), high, _rule_stats(iw.discrepancy, d, rule_keep, mask))
 
@@ -273,7 +294,7 @@ def gspo(logp, iw, adv, mask, hp):
     surrogate = torch.minimum(s * adv, s.clamp(1 - hp.eps_low, 1 + hp.eps_high) * adv)  # (N,)
     per_seq = -(d.detach().masked_fill(~rule_keep, 0.0) * surrogate)  # (N,)
     # spread each response's loss over its tokens so the seq-mean aggregation is a plain mean over responses
-    loss = aggregate(per_seq[:, None].expand_as(mask), mask, "seq_mean_token_mean")
+    loss = aggregate(per_seq[:, None].expand_as(mask), mask, "seq_mean_token_mean", batch=hp.batch)
     seq_low, seq_high = clip_mask(s.detach(), adv, hp.eps_low, hp.eps_high)  # (N,) each
     low, high = seq_low[:, None] & mask, seq_high[:, None] & mask  # (N, T): clip fractions count tokens
     keep = mask & (rule_keep & ~(seq_low | seq_high))[:, None]
@@ -331,6 +352,9 @@ def make_hp(**hp) -> LossHP:
     m = out.max_tokens
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"max_tokens: expected a positive int or None, got {m!r}")
+    b = out.batch
+    if b is not None and not (isinstance(b, BatchSize) and all(type(v) is int and v >= 0 for v in b)):
+        raise ValueError(f"batch: expected a BatchSize of non-negative ints or None, got {b!r}")
     return out
 
 

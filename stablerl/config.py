@@ -63,7 +63,8 @@ class TrainConfig:
     n_minibatches: int = 1  # N; 1 = on-policy
     dtype: Literal["fp32", "bf16"] = "fp32"  # training-engine precision
     lr: float = 5e-5  # 1e-4 collapsed held-out accuracy from the default cold start (docs/log.md)
-    warmup_steps: int = 10  # linear warmup, then constant: Adam's first steps move every weight by ~lr
+    warmup_steps: int = 10  # linear warmup: Adam's first steps move every weight by ~lr
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup; cosine ends at 10% of lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)

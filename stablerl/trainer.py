@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stablerl import diagnostics as diag
-from stablerl.algorithm import group_advantages, policy_loss
+from stablerl.algorithm import BatchSize, group_advantages, policy_loss
 from stablerl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from stablerl.config import Config, check_replay, save_config, task_reward
 from stablerl.engine import Engine, Rollout
@@ -30,7 +30,7 @@ from stablerl.model import get_model
 from stablerl.rewards import score
 from stablerl.sampling import logprobs_from_logits
 from stablerl.sequences import Packed, pack, response_logits, response_logp
-from stablerl.sft import DTYPES
+from stablerl.sft import DTYPES, lr_at
 from stablerl.tasks import task_examples
 
 
@@ -146,11 +146,16 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)], tok.pad_id)
             logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)  # (N, T) log μ_θold
             routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K)
-            # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the mini-batches (rows, order,
+            # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the batches (rows, order,
             # padding) the updates will see, so at N = 1 the first update recomputes it bit for bit and r == 1 exactly.
             order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
+            # Rows with Â = 0 (groups whose rewards all agree, ~40% on the default task) have no gradient under any
+            # registered loss: the updates leave them out (LossHP.batch keeps the whole mini-batch's normalisation)
+            # and θ_old scores them in one forward of their own, for the diagnostics only.
+            live = [idx[adv[idx] != 0] for idx in order]  # N_mb x (n_j,)
+            dead = torch.cat([idx[adv[idx] == 0] for idx in order])  # (N - Σ n_j,)
             replay_old = routes_infer if a.replay == "R3" else None
-            logp_old, lp_full_old, routes_old = _old_policy(model, packed, order, replay_old, sampling)
+            logp_old, lp_full_old, routes_old = _old_policy(model, packed, [*live, dead], replay_old, sampling)
             # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
             # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
             outside = packed.mask & ~torch.isfinite(logp_old)  # (N, T)
@@ -166,27 +171,32 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
             # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
             t0 = time.perf_counter()
-            lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))  # linear warmup, then constant
+            lr = (lr_at(step, t.lr, t.warmup_steps, t.steps) if t.lr_schedule == "cosine"
+                  else t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)))  # linear warmup, then constant
             for group in opt.param_groups:
                 group["lr"] = lr
             probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0
             replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
             mb_stats: list[dict] = []
             skipped = 0
-            for j, idx in enumerate(order):
-                mb = _select(packed, idx)
-                S = mb.ids.shape[1]
-                cur = model(mb.ids, routes=None if replay is None else replay[idx, :S])
+            for j, (idx, rows) in enumerate(zip(order, live)):
+                if rows.numel() == 0:
+                    continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
+                mb = _select(packed, rows)
+                S, T = mb.ids.shape[1], mb.mask.shape[1]  # trimmed to these rows' longest sequence / response
+                cur = model(mb.ids, routes=None if replay is None else replay[rows, :S])
                 logp = response_logp(cur.logits, mb, **sampling)  # (n, T) log π_θ, same support rule as logp_old
                 # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it
                 keep = mb.mask & torch.isfinite(logp.detach())  # (n, T)
                 if not keep.any():
                     continue
-                out = policy_loss(a.loss, logp, logp_old[idx], logp_infer[idx], adv[idx], keep, **hp)
+                out = policy_loss(a.loss, logp, logp_old[rows, :T], logp_infer[rows, :T], adv[rows], keep,
+                                  batch=BatchSize.of(mask[idx]), **hp)
                 if probe and j == N - 1:
                     # E9 on the last (most stale) mini-batch, at the weights its update sees: w = π_θ/μ_θold
-                    # holds exactly the discrepancy and staleness this gradient is computed under.
-                    m |= diag.fidelity(logp, logp_infer[idx], adv[idx], keep, list(model.parameters()),
+                    # holds exactly the discrepancy and staleness this gradient is computed under. Rows with Â = 0
+                    # add nothing to either gradient, so the live rows give the whole mini-batch's cosine.
+                    m |= diag.fidelity(logp, logp_infer[rows, :T], adv[rows], keep, list(model.parameters()),
                                        retain_graph=True)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -198,7 +208,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 opt.step()
                 st = {**out.stats, "loss/policy": float(out.loss.detach()), "grad/norm": float(gnorm)}
                 if a.replay == "none" and cur.routes is not None:
-                    st |= diag.routing_agreement(routes_old[idx, :S], cur.routes, tok_mask[idx, :S],
+                    st |= diag.routing_agreement(routes_old[rows, :S], cur.routes, tok_mask[rows, :S],
                                                 "route/old_vs_current")
                 mb_stats.append(st)
             timing["time/updates"] = time.perf_counter() - t0
@@ -233,13 +243,16 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
 
 
 @torch.no_grad()
-def _old_policy(model, packed: Packed, order: torch.Tensor, replay: torch.Tensor | None, sampling: dict):
-    """θ_old forward per mini-batch -> logp_old (N, T), full log-probs (N, T, V), routes (N, S, L, K) or None."""
+def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torch.Tensor | None, sampling: dict):
+    """θ_old forward per batch of row indices (together a partition of the rows) -> logp_old (N, T), full log-probs
+    (N, T, V), routes (N, S, L, K) or None."""
     N, T = packed.mask.shape
     logp_old = torch.zeros(N, T)  # (N, T)
     lp_full = torch.zeros(N, T, model.config.vocab_size)  # (N, T, V)
     routes = None
-    for idx in order:
+    for idx in batches:
+        if idx.numel() == 0:
+            continue
         mb = _select(packed, idx)
         S, t = mb.ids.shape[1], mb.mask.shape[1]
         out = model(mb.ids, routes=None if replay is None else replay[idx, :S])

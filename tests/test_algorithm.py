@@ -11,6 +11,7 @@ import torch
 
 from stablerl.algorithm import (
     LOSSES,
+    BatchSize,
     LossOutput,
     aggregate,
     apply_is_rule,
@@ -441,6 +442,31 @@ def test_reference_matches_vectorised(name, rule, seed):
     torch.testing.assert_close(g_out, g_ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("rule", range(len(RULES)))
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_rows_with_zero_advantage_can_be_left_out(name, rule):
+    """The trainer's skip: the loss on the rows with Â ≠ 0, told the whole batch's sizes, has the whole batch's
+    value and gradient (rows 0 and 5 have Â = 0; row 2 is empty and keeps counting in the sizes)."""
+    logp, logp_old, logp_infer, adv, mask = random_batch(0)
+    adv[5] = 0.0
+    whole = policy_loss(name, logp, logp_old, logp_infer, adv, mask, max_tokens=8, **RULES[rule])
+    live = (adv != 0).nonzero().squeeze(1)
+    assert live.tolist() == [1, 2, 3, 4]
+    sub = logp[live]
+    part = policy_loss(name, sub, logp_old[live], logp_infer[live], adv[live], mask[live], max_tokens=8,
+                       batch=BatchSize.of(mask), **RULES[rule])
+    assert BatchSize.of(mask) == (6, int(mask.sum()), 5)
+    torch.testing.assert_close(part.loss, whole.loss, rtol=1e-14, atol=0)
+    g_whole = torch.autograd.grad(whole.loss, logp)[0]
+    g_part = torch.autograd.grad(part.loss, logp)[0]
+    assert g_whole[adv == 0].abs().max().item() == 0.0  # the premise: no gradient where Â = 0
+    torch.testing.assert_close(g_part, g_whole, rtol=1e-14, atol=0)
+    # without the sizes the rows given would be taken for the whole batch: a different normalisation
+    alone = policy_loss(name, sub, logp_old[live], logp_infer[live], adv[live], mask[live], max_tokens=8,
+                        **RULES[rule])
+    assert not torch.isclose(alone.loss, whole.loss, rtol=1e-6)
+
+
 def test_random_batches_exercise_every_branch():
     # the reference comparison only means something if clipping and both rules actually fire
     for seed in (0, 1):
@@ -560,6 +586,8 @@ def test_bad_mask_and_types():
         ({"is_low": 3.0}, r"^is_low: must be <= is_high"),
         ({"max_tokens": 0}, r"^max_tokens: expected a positive int"),
         ({"max_tokens": 2.5}, r"^max_tokens: expected a positive int"),
+        ({"batch": (4, 10, 4)}, r"^batch: expected a BatchSize"),
+        ({"batch": BatchSize(4, -1, 4)}, r"^batch: expected a BatchSize of non-negative ints"),
     ],
 )
 def test_bad_hyperparameters(hp, message):

@@ -29,24 +29,29 @@ def _run(tmp_path, name, extra):
 def test_on_policy_fp32_staleness_is_exactly_one_with_top_p(tmp_path):
     # N = 1: logp and logp_old come from the same weights and the same batch, so r == 1 bitwise and nothing is
     # clipped; top_p = 0.9 must not bias the ratios (both sides use the same truncated, renormalised support).
-    rows = _run(tmp_path, "onpol", ["train.steps=2", "engine.numerics=fp32", "engine.top_p=0.9"])
+    rows = [r for r in _run(tmp_path, "onpol", ["train.steps=3", "engine.numerics=fp32", "engine.top_p=0.9"])
+            if "reward/zero_std_frac" in r]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["route/infer_vs_train/mean"] == 1.0
+        # only rows with Â != 0 are updated; a step where every group's rewards agree makes no update at all
+        assert ("is/staleness_max" in r) == (r["reward/zero_std_frac"] < 1)
     steps = [r for r in rows if "is/staleness_max" in r]
-    assert len(steps) == 2 and any(r["reward/zero_std_frac"] < 1 for r in steps)
+    assert len(steps) >= 2
     for r in steps:
         assert r["is/staleness_min"] == 1.0 and r["is/staleness_max"] == 1.0
         assert r["clip/frac"] == 0.0
         assert abs(r["is/discrepancy_max"] - 1) < 1e-3 and abs(r["is/discrepancy_min"] - 1) < 1e-3
-        assert r["route/infer_vs_train/mean"] == 1.0
-        if r["reward/zero_std_frac"] < 1:  # some group has signal: E9 is defined, and on-policy fp32 is first order
-            assert r["fidelity/cosine"] > 0.9999 and r["fidelity/abs_log_W_max"] < 1e-4
+        # some group has signal: E9 is defined, and on-policy fp32 is first order
+        assert r["fidelity/cosine"] > 0.9999 and r["fidelity/abs_log_W_max"] < 1e-4
 
 
 def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
-    rows = _run(tmp_path, "r3", ["train.steps=2", "engine.numerics=bf16", "algo.replay=R3", "train.n_minibatches=2",
+    rows = _run(tmp_path, "r3", ["train.steps=3", "engine.numerics=bf16", "algo.replay=R3", "train.n_minibatches=2",
                                  "train.lr=3e-3"])
     steps = [r for r in rows if "is/staleness_max" in r]
-    assert len(steps) == 2
-    assert all("route/infer_vs_train/mean" not in r for r in steps)  # under R3 the trainer runs the engine's experts
+    assert len(steps) >= 2
+    assert all("route/infer_vs_train/mean" not in r for r in rows)  # under R3 the trainer runs the engine's experts
     # with two mini-batches the second is off-policy: the policy moved, so some staleness ratio is not 1
     assert any(r["is/staleness_max"] > 1.0 or r["is/staleness_min"] < 1.0 for r in steps)
 
