@@ -155,7 +155,10 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             live = [idx[adv[idx] != 0] for idx in order]  # N_mb x (n_j,)
             dead = torch.cat([idx[adv[idx] == 0] for idx in order])  # (N - Σ n_j,)
             replay_old = routes_infer if a.replay == "R3" else None
-            logp_old, lp_full_old, routes_old = _old_policy(model, packed, [*live, dead], replay_old, sampling)
+            # N = 1: the one update runs at θ_old itself, so θ_old's forward of its rows is kept with its graph and the
+            # update reuses it instead of repeating it (one forward less per step; r == 1 by construction).
+            logp_old, lp_full_old, routes_old, graph = _old_policy(model, packed, [*live, dead], replay_old, sampling,
+                                                                   keep_graph=N == 1)
             # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
             # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
             outside = packed.mask & ~torch.isfinite(logp_old)  # (N, T)
@@ -184,8 +187,13 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                     continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
                 mb = _select(packed, rows)
                 S, T = mb.ids.shape[1], mb.mask.shape[1]  # trimmed to these rows' longest sequence / response
-                cur = model(mb.ids, routes=None if replay is None else replay[rows, :S])
-                logp = response_logp(cur.logits, mb, **sampling)  # (n, T) log π_θ, same support rule as logp_old
+                if graph is not None:  # N = 1: θ_old's own forward of these rows (R2 would replay its own routes)
+                    (logp, cur_routes), graph = graph, None
+                    logp = logp.masked_fill(~mb.mask, 0.0)  # (n, T) tokens dropped as outside the support: zeroed
+                else:
+                    cur = model(mb.ids, routes=None if replay is None else replay[rows, :S])
+                    logp = response_logp(cur.logits, mb, **sampling)  # (n, T) log π_θ, support rule of logp_old
+                    cur_routes = cur.routes
                 # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it
                 keep = mb.mask & torch.isfinite(logp.detach())  # (n, T)
                 if not keep.any():
@@ -207,8 +215,8 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                     continue
                 opt.step()
                 st = {**out.stats, "loss/policy": float(out.loss.detach()), "grad/norm": float(gnorm)}
-                if a.replay == "none" and cur.routes is not None:
-                    st |= diag.routing_agreement(routes_old[rows, :S], cur.routes, tok_mask[rows, :S],
+                if a.replay == "none" and cur_routes is not None:
+                    st |= diag.routing_agreement(routes_old[rows, :S], cur_routes, tok_mask[rows, :S],
                                                 "route/old_vs_current")
                 mb_stats.append(st)
             timing["time/updates"] = time.perf_counter() - t0
@@ -242,28 +250,33 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     return result
 
 
-@torch.no_grad()
-def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torch.Tensor | None, sampling: dict):
+def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torch.Tensor | None, sampling: dict,
+                keep_graph: bool = False):
     """θ_old forward per batch of row indices (together a partition of the rows) -> logp_old (N, T), full log-probs
-    (N, T, V), routes (N, S, L, K) or None."""
+    (N, T, V), routes (N, S, L, K) or None, and `graph`: with keep_graph, the first batch's forward is run with grad
+    and returned as (logp (n, t) with grad, its routes) for an update at these same weights to reuse; else None."""
     N, T = packed.mask.shape
     logp_old = torch.zeros(N, T)  # (N, T)
     lp_full = torch.zeros(N, T, model.config.vocab_size)  # (N, T, V)
-    routes = None
-    for idx in batches:
+    routes, graph = None, None
+    for i, idx in enumerate(batches):
         if idx.numel() == 0:
             continue
         mb = _select(packed, idx)
         S, t = mb.ids.shape[1], mb.mask.shape[1]
-        out = model(mb.ids, routes=None if replay is None else replay[idx, :S])
-        lp = logprobs_from_logits(response_logits(out.logits, mb), **sampling)  # (n, t, V)
-        lp_full[idx, :t] = lp
-        logp_old[idx, :t] = lp.gather(-1, mb.targets[..., None]).squeeze(-1)
+        with torch.set_grad_enabled(keep_graph and i == 0):
+            out = model(mb.ids, routes=None if replay is None else replay[idx, :S])
+            lp = logprobs_from_logits(response_logits(out.logits, mb), **sampling)  # (n, t, V)
+            logp = lp.gather(-1, mb.targets[..., None]).squeeze(-1)  # (n, t)
+        if logp.requires_grad:
+            graph = (logp.masked_fill(~mb.mask, 0.0), out.routes)  # what the update's response_logp would give
+        lp_full[idx, :t] = lp.detach()
+        logp_old[idx, :t] = logp.detach()
         if out.routes is not None:
             if routes is None:
                 routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=torch.long)
             routes[idx, :S] = out.routes
-    return logp_old, lp_full, routes
+    return logp_old, lp_full, routes, graph
 
 
 def _select(p: Packed, idx: torch.Tensor) -> Packed:
