@@ -29,9 +29,12 @@ def _run(tmp_path, name, extra):
 def test_on_policy_fp32_staleness_is_exactly_one_with_top_p(tmp_path):
     # N = 1: logp and logp_old come from the same weights and the same batch, so r == 1 bitwise and nothing is
     # clipped; top_p = 0.9 must not bias the ratios (both sides use the same truncated, renormalised support).
-    rows = [r for r in _run(tmp_path, "onpol", ["train.steps=3", "engine.numerics=fp32", "engine.top_p=0.9"])
+    rows = [r for r in _run(tmp_path, "onpol", ["train.steps=3", "engine.numerics=fp32", "engine.top_p=0.9",
+                                                 "train.lr_schedule=cosine", "train.warmup_steps=1"])
             if "reward/zero_std_frac" in r]
     assert len(rows) == 3
+    # (this run also pins the cosine schedule: warmup 1 step, then 0.1 + 0.9 · (1 + cos(π · (s − 1)/2)) / 2 of lr)
+    assert [r["train/lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 0.55e-3], rel=1e-12)
     for r in rows:
         assert r["route/infer_vs_train/mean"] == 1.0
         # only rows with Â != 0 are updated; a step where every group's rewards agree makes no update at all
