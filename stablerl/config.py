@@ -57,18 +57,18 @@ class AlgoConfig:
 class TrainConfig:
     """The RL loop (E8: B prompts x G samples per global step, split into N mini-batch updates)."""
 
-    steps: int = 150
+    steps: int = 60  # quickstart: the policy learns to write its scratchpad in ~20 steps (docs/log.md 2026-11-29)
     batch_prompts: int = 32  # B; at 16 the default cold start's greedy accuracy did not move in 150 steps (docs/log.md)
     group_size: int = 8  # G
     n_minibatches: int = 1  # N; 1 = on-policy
     dtype: Literal["fp32", "bf16"] = "fp32"  # training-engine precision
-    lr: float = 5e-5  # 1e-4 collapsed held-out accuracy from the default cold start (docs/log.md)
+    lr: float = 8e-5  # peak; 1e-4 at a constant rate broke the 2026-11-25 cold start at B=16 (docs/log.md)
     warmup_steps: int = 10  # linear warmup: Adam's first steps move every weight by ~lr
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup; cosine ends at 10% of lr
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # after warmup; cosine ends at 10% of lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
-    eval_every: int = 25  # held-out greedy accuracy every k steps (0 = only at the start and end)
+    eval_every: int = 20  # held-out greedy accuracy every k steps (0 = only at the start and end)
     fidelity_every: int = 10  # E9 first-order fidelity probe every k steps (0 = never)
     save_every: int = 10
     keep_checkpoints: int = 2
@@ -80,8 +80,10 @@ class TrainConfig:
 class SFTConfig:
     """Cold-start supervised fine-tuning on solution traces (loss on response tokens only)."""
 
-    style: str = "long"  # trace style of the task: long | short | answer
-    steps: int = 320  # 2-6 min on 2 cores; lands the default task at ~40% held-out with 2 threads (docs/log.md)
+    # trace style of the task (long | short | answer) or a mixture drawn per example: the default cold start imitates
+    # scratchpads on 40% of problems and bare answers on 60%, so RL has a choice to learn from reward (docs/tasks.md)
+    style: str = "long:0.4,answer:0.6"
+    steps: int = 400  # 160 s on 2 AVX2 cores (2026-11-29)
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -101,7 +103,7 @@ class TaskConfig:
     answer_key: str = "answer"
     knobs: dict = field(default_factory=dict)  # difficulty knobs of the built-in task, e.g. {digits: 4, n_terms: 3}
     n_train: int = 4096
-    n_heldout: int = 256
+    n_heldout: int = 1024  # greedy accuracy to ~1.5 points (s.e.); 256 problems gave 55.9% where 1,024 gave 60.3%
     reward: str | None = None  # reward fn name or "package.module:function"; None = the task's own (math for files)
     reward_timeout: float = 5.0
 

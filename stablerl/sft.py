@@ -22,7 +22,7 @@ from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.metrics import MetricsWriter
 from stablerl.model import get_model
-from stablerl.sequences import pack, response_logp
+from stablerl.sequences import Packed, pack, response_logp
 from stablerl.tasks import task_examples
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,20 +44,57 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def parse_style(spec: str) -> dict[str, float]:
+    """`sft.style`: one trace style (`long`) or a mixture (`long:0.4,answer:0.6`) -> {style: probability}."""
+    if ":" not in spec:
+        return {spec.strip(): 1.0}
+    mix: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, weight = part.partition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not name.strip() or not math.isfinite(w) or w <= 0 or name.strip() in mix:
+            raise UserError(f"sft.style: bad mixture part {part.strip()!r} in {spec!r}; expected distinct "
+                            "style:weight pairs with weights > 0, e.g. long:0.4,answer:0.6")
+        mix[name.strip()] = w
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
+
+
+def sft_backward(model, batches: list[Packed]) -> torch.Tensor:
+    """Token-mean cross-entropy on the response tokens of all `batches` together; accumulates its gradient.
+
+    One padded batch per trace style, so a mixture's short traces are not padded to the long ones' length: the
+    sum over sub-batches divided by the step's token count is the loss of one batch holding every row."""
+    n_tok = sum(int(b.mask.sum()) for b in batches)
+    loss = torch.zeros(())
+    for batch in batches:
+        logp = response_logp(model(batch.ids).logits, batch)  # (n, T)
+        part = -(logp.sum() / n_tok)
+        part.backward()
+        loss += part.detach()
+    return loss
+
+
 def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     run_dir = cfg.run_dir()
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     model, tok = get_model(cfg.model, seed=cfg.seed)
     examples = task_examples(cfg.task, "train")
-    style = cfg.sft.style
-    missing = [i for i, e in enumerate(examples) if style not in e.traces]
-    if missing:
-        have = sorted(examples[missing[0]].traces) or ["none"]
-        raise UserError(f"sft.style: {len(missing)} training examples have no {style!r} trace "
-                        f"(example {missing[0]} has: {', '.join(have)})")
+    mix = parse_style(cfg.sft.style)
+    for style in mix:
+        missing = [i for i, e in enumerate(examples) if style not in e.traces]
+        if missing:
+            have = sorted(examples[missing[0]].traces) or ["none"]
+            raise UserError(f"sft.style: {len(missing)} training examples have no {style!r} trace "
+                            f"(example {missing[0]} has: {', '.join(have)})")
+    styles = list(mix)
+    probs = torch.tensor([mix[k] for k in styles], dtype=torch.float64)
     prompts = [tok.encode_prompt(e.prompt) for e in examples]
-    responses = [tok.encode(e.traces[style]) + [tok.eos_id] for e in examples]
+    responses = {k: [tok.encode(e.traces[k]) + [tok.eos_id] for e in examples] for k in styles}
     model.to(DTYPES[cfg.sft.dtype]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -70,19 +107,20 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
         bar = progress.add_task("sft", total=s.steps, info="")
         for step in range(s.steps):
             idx = torch.randint(len(examples), (s.batch_size,), generator=gen).tolist()
-            batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], tok.pad_id)
+            # each example's trace style drawn from the mixture (a single style draws nothing: same stream as before)
+            pick = torch.multinomial(probs, s.batch_size, replacement=True, generator=gen).tolist() if len(styles) > 1 \
+                else [0] * s.batch_size
+            batches = [pack([prompts[i] for i, k in zip(idx, pick) if k == j],
+                            [responses[style][i] for i, k in zip(idx, pick) if k == j], tok.pad_id)
+                       for j, style in enumerate(styles) if j in pick]
             lr = lr_at(step, s.lr, s.warmup_steps, s.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits = model(batch.ids).logits  # (N, S, V)
-            logp = response_logp(logits, batch)  # (N, T)
-            n_tok = int(batch.mask.sum())
-            loss = -(logp.sum() / n_tok)  # token-mean cross-entropy on response tokens only
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = sft_backward(model, batches)
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
             opt.step()
-            tokens += int(batch.ids.ne(tok.pad_id).sum())
+            tokens += sum(int(b.ids.ne(tok.pad_id).sum()) for b in batches)
             lv = float(loss.detach())
             loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             tps = tokens / (time.perf_counter() - t0)
@@ -97,7 +135,7 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     seconds = time.perf_counter() - t0
     writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
     writer.close()
-    summary = {"checkpoint": str(ckpt), "style": style, "heldout_accuracy": res.accuracy, "n_heldout": res.n,
+    summary = {"checkpoint": str(ckpt), "style": cfg.sft.style, "heldout_accuracy": res.accuracy, "n_heldout": res.n,
                "final_loss": loss_ema, "seconds": seconds, "samples": res.samples}
     (run_dir / "sft.json").write_text(json.dumps(summary, indent=2))
     return SFTResult(ckpt, res.accuracy, float(loss_ema), seconds)

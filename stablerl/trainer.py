@@ -41,6 +41,8 @@ class TrainResult:
     initial_accuracy: float | None
     final_accuracy: float | None
     seconds: float
+    initial_length: float | None = None  # mean greedy response tokens on the held-out set
+    final_length: float | None = None
 
 
 def _gen(seed: int, step: int, salt: int) -> torch.Generator:
@@ -244,10 +246,10 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             progress.update(bar, advance=1, info=_line(m))
     writer.close()
     rows = read_metrics(run_dir / "metrics.jsonl")
-    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
-    result = TrainResult(run_dir, t.steps, evals[0] if evals else None, evals[-1] if evals else None,
-                         time.perf_counter() - t_start)
-    return result
+    evals = [r for r in rows if "eval/accuracy" in r]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    return TrainResult(run_dir, t.steps, first.get("eval/accuracy"), last.get("eval/accuracy"),
+                       time.perf_counter() - t_start, first.get("eval/mean_length"), last.get("eval/mean_length"))
 
 
 def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torch.Tensor | None, sampling: dict,

@@ -63,3 +63,25 @@ def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
     assert got["n"] == summary["n_heldout"] == 24
     assert got["accuracy"] == summary["heldout_accuracy"]
     assert 0 < got["accuracy"]
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    tiny = [f"out_dir={tmp_path}", "name=qs", "task.knobs={digits: 1, n_terms: 3}", "task.n_train=64",
+            "task.n_heldout=16", "sft.steps=6", "sft.batch_size=16", "train.steps=2", "train.batch_prompts=2",
+            "train.group_size=4", "engine.max_new_tokens=16", "train.fidelity_every=0"]
+    assert main(["quickstart", "--no-progress", *tiny]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["rl_steps"] == 2 and summary["cold_start"] == str(tmp_path / "qs-sft" / "model")
+    # the summary is read from the run's own files: its first and last eval rows
+    evals = [r for r in map(json.loads, (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines())
+             if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert summary["cold_start_accuracy"] == evals[0]["eval/accuracy"]
+    assert summary["final_mean_length"] == evals[-1]["eval/mean_length"]
+    assert summary["gain_points"] == pytest.approx(100 * (evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"]))
+    assert "stablerl quickstart" in out and "greedy response length" in out
+    # a second run reuses the cold start instead of training it again
+    assert main(["quickstart", "--no-progress", *tiny]) == 0
+    assert "reusing" in capsys.readouterr().out

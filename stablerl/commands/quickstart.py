@@ -44,6 +44,7 @@ def run(args) -> int:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     summary = {"cold_start_accuracy": res.initial_accuracy, "final_accuracy": res.final_accuracy,
                "gain_points": None if res.final_accuracy is None else 100 * (res.final_accuracy - res.initial_accuracy),
+               "cold_start_mean_length": res.initial_length, "final_mean_length": res.final_length,
                "rl_steps": res.steps, "rl_seconds": res.seconds, "wall_seconds": wall, "peak_rss_gib": peak_gib,
                "run_dir": str(res.run_dir), "cold_start": str(cold)}
     (res.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -53,6 +54,8 @@ def run(args) -> int:
     table.add_row("held-out accuracy, cold start", f"{res.initial_accuracy:.1%}")
     table.add_row("held-out accuracy, after RL", f"{res.final_accuracy:.1%}")
     table.add_row("gain", f"{summary['gain_points']:+.1f} points")
+    table.add_row("greedy response length, cold start -> after RL",
+                  f"{res.initial_length:.1f} -> {res.final_length:.1f} tokens")
     table.add_row("RL steps / time", f"{res.steps} / {res.seconds:.0f}s")
     table.add_row("total wall time / peak RSS", f"{wall:.0f}s / {peak_gib:.2f} GiB")
     console.print(table)
