@@ -7,7 +7,8 @@ from stablerl.commands import add_config_args, add_progress_arg, config_from_arg
 
 def add_arguments(p):
     add_config_args(p)
-    p.add_argument("--style", default=None, help="trace style: long | short | answer (overrides sft.style)")
+    p.add_argument("--style", default=None, help="trace style long | short | answer, or a per-example mixture such as "
+                   "long:0.4,answer:0.6 (overrides sft.style)")
     p.add_argument("--name", default=None, help="run name (overrides name); output goes to runs/<name>/")
     add_progress_arg(p)
 
