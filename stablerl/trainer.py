@@ -149,9 +149,9 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)  # (N, T) log μ_θold
             routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K)
             # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the batches (rows, order,
-            # padding) the updates will see, so at N = 1 the first update recomputes it bit for bit and r == 1 exactly.
+            # padding) the updates will see, so the first update (which at N = 1 reuses that very forward) has r == 1.
             order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
-            # Rows with Â = 0 (groups whose rewards all agree, ~40% on the default task) have no gradient under any
+            # Rows with Â = 0 (groups whose rewards all agree: 30-75% on the default task) have no gradient under any
             # registered loss: the updates leave them out (LossHP.batch keeps the whole mini-batch's normalisation)
             # and θ_old scores them in one forward of their own, for the diagnostics only.
             live = [idx[adv[idx] != 0] for idx in order]  # N_mb x (n_j,)
