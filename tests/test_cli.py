@@ -82,6 +82,9 @@ def test_quickstart_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert summary["final_mean_length"] == evals[-1]["eval/mean_length"]
     assert summary["gain_points"] == pytest.approx(100 * (evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"]))
     assert "stablerl quickstart" in out and "greedy response length" in out
-    # a second run reuses the cold start instead of training it again
+    # a second run reuses the cold start instead of training it again, and says so when that cold start is too weak
+    sft_json = tmp_path / "qs-sft" / "sft.json"
+    sft_json.write_text(json.dumps({**json.loads(sft_json.read_text()), "heldout_accuracy": 0.006}))
     assert main(["quickstart", "--no-progress", *tiny]) == 0
-    assert "reusing" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "reusing" in out and "the cold start scores 0.6% held-out, below 5%: its SFT did not take" in out
