@@ -191,7 +191,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 S, T = mb.ids.shape[1], mb.mask.shape[1]  # trimmed to these rows' longest sequence / response
                 if graph is not None:  # N = 1: θ_old's own forward of these rows (R2 would replay its own routes)
                     (logp, cur_routes), graph = graph, None
-                    logp = logp.masked_fill(~mb.mask, 0.0)  # (n, T) tokens dropped as outside the support: zeroed
+                    logp = logp.masked_fill(~mb.mask, 0.0)  # (n, T) padding and tokens outside the support: zeroed
                 else:
                     cur = model(mb.ids, routes=None if replay is None else replay[rows, :S])
                     logp = response_logp(cur.logits, mb, **sampling)  # (n, T) log π_θ, support rule of logp_old
@@ -271,7 +271,7 @@ def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torc
             lp = logprobs_from_logits(response_logits(out.logits, mb), **sampling)  # (n, t, V)
             logp = lp.gather(-1, mb.targets[..., None]).squeeze(-1)  # (n, t)
         if logp.requires_grad:
-            graph = (logp.masked_fill(~mb.mask, 0.0), out.routes)  # what the update's response_logp would give
+            graph = (logp, out.routes)  # the update masks it, as response_logp would
         lp_full[idx, :t] = lp.detach()
         logp_old[idx, :t] = logp.detach()
         if out.routes is not None:
