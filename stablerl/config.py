@@ -57,7 +57,7 @@ class AlgoConfig:
 class TrainConfig:
     """The RL loop (E8: B prompts x G samples per global step, split into N mini-batch updates)."""
 
-    steps: int = 100  # from the default cold start: +8.5..+11 held-out points in 100, no more in 150 (docs/log.md)
+    steps: int = 60  # from the default cold start: +40 / +66 held-out points by step 20-60 (docs/log.md 2026-12-01)
     batch_prompts: int = 32  # B; at 16 the default cold start's greedy accuracy did not move in 150 steps (docs/log.md)
     group_size: int = 8  # G
     n_minibatches: int = 1  # N; 1 = on-policy
@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
-    eval_every: int = 25  # held-out greedy accuracy every k steps (0 = only at the start and end)
+    eval_every: int = 20  # held-out greedy accuracy every k steps (0 = only at the start and end)
     fidelity_every: int = 10  # E9 first-order fidelity probe every k steps (0 = never)
     save_every: int = 10
     keep_checkpoints: int = 2
@@ -80,16 +80,22 @@ class TrainConfig:
 class SFTConfig:
     """Cold-start supervised fine-tuning on solution traces (loss on response tokens only)."""
 
-    style: str = "long"  # trace style (long | short | answer) or a per-example mixture, e.g. long:0.4,answer:0.6
-    # 2-6 min on 2 cores. Seed 0 lands the default task at 40-62% held-out depending on the machine; seed 1 at
-    # 0.6%: a fixed step count sits on a steep transition (docs/log.md 2026-11-29)
-    steps: int = 320
-    batch_size: int = 64
+    # trace style (long | short | answer) or a per-example mixture. The default mixes worked solutions with bare
+    # answers, as real SFT sets mix reasoning and non-reasoning data: the cold start can solve the task when it
+    # writes the scratchpad (81-95% there) but often answers bare, and RL has to find out that the scratchpad pays
+    # (docs/log.md 2026-12-01). `long` alone: 53-77% held-out after 480 steps, +10 points from RL.
+    style: str = "long:0.5,answer:0.5"
+    # ~64 scratchpads per step; with 64 examples of a 50/50 mixture in 400 steps the scratchpad mode did not take
+    # for seed 1 (0.1% held-out, docs/log.md 2026-11-29), with 128 in 480 steps it did for seeds 0-3
+    steps: int = 480
+    batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     dtype: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 60  # held-out greedy accuracy on eval_problems every k steps (0 = only at the end)
+    eval_problems: int = 256  # the first k held-out problems, for the learning curve (the end uses all n_heldout)
 
 
 @dataclass(frozen=True)
@@ -302,9 +308,13 @@ def validate(cfg: Config) -> None:
     for key, v in (("train.steps", t.steps), ("train.batch_prompts", t.batch_prompts),
                    ("train.group_size", t.group_size), ("train.n_minibatches", t.n_minibatches),
                    ("engine.max_new_tokens", cfg.engine.max_new_tokens), ("sft.steps", cfg.sft.steps),
-                   ("sft.batch_size", cfg.sft.batch_size)):
+                   ("sft.batch_size", cfg.sft.batch_size), ("sft.eval_problems", cfg.sft.eval_problems)):
         if v < 1:
             raise ConfigError(f"{key}: got {v}, expected >= 1")
+    for key, v in (("train.eval_every", t.eval_every), ("train.fidelity_every", t.fidelity_every),
+                   ("train.save_every", t.save_every), ("sft.eval_every", cfg.sft.eval_every)):
+        if v < 0:
+            raise ConfigError(f"{key}: got {v}, expected >= 0 (0 = never)")
     if (t.batch_prompts * t.group_size) % t.n_minibatches:
         raise ConfigError(f"train.n_minibatches: {t.n_minibatches} does not divide batch_prompts x group_size = "
                           f"{t.batch_prompts * t.group_size} (E8 needs equal mini-batches)")

@@ -98,9 +98,15 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     model.to(DTYPES[cfg.sft.dtype]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
+    heldout = task_examples(cfg.task, "heldout")
+
+    def held_out(problems):  # greedy accuracy of the fp32 model itself (an engine copy: training is unaffected)
+        return evaluate(Engine(model.float(), tok, numerics="fp32"), problems, cfg.engine.max_new_tokens,
+                        reward=task_reward(cfg.task), timeout=cfg.task.reward_timeout, seed=cfg.seed)
+
     writer = MetricsWriter(run_dir, tensorboard=True)
     s = cfg.sft
-    t0, tokens, loss_ema = time.perf_counter(), 0, None
+    t0, tokens, loss_ema, curve = time.perf_counter(), 0, None, ""
     progress = Progress(TextColumn("sft"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not show_progress)
     with progress:
@@ -125,13 +131,17 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
             loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             tps = tokens / (time.perf_counter() - t0)
             writer.log(step, {"sft/loss": lv, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/tokens_per_s": tps})
-            progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s")
+            if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
+                # the SFT curve is steep where it crosses over (docs/log.md): the curve says where a run sits on it
+                res = held_out(heldout[: s.eval_problems])
+                model.to(DTYPES[s.dtype]).train()
+                writer.log(step + 1, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
+                curve = f"  eval {res.accuracy:.1%}"
+            progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s{curve}")
     model.float().eval()
     ckpt = run_dir / "model"
     model.save(ckpt, tokenizer=tok)
-    engine = Engine(model, tok, numerics="fp32")
-    res = evaluate(engine, task_examples(cfg.task, "heldout"), cfg.engine.max_new_tokens, reward=task_reward(cfg.task),
-                   timeout=cfg.task.reward_timeout, seed=cfg.seed)
+    res = held_out(heldout)
     seconds = time.perf_counter() - t0
     writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
     writer.close()

@@ -45,8 +45,15 @@ def test_eval_unreadable_and_missing_file(tmp_path):
 def test_sft_then_eval_reproduces_its_accuracy(tmp_path, capsys):
     # a short SFT on an easy variant of the default task, so that accuracy is well above 0 in seconds
     knobs = ["task.knobs={digits: 1, n_terms: 3}", "task.n_train=64", "task.n_heldout=24"]
-    assert main(["sft", f"out_dir={tmp_path}", "name=cold", "sft.steps=60", "sft.batch_size=32", *knobs]) == 0
+    assert main(["sft", f"out_dir={tmp_path}", "name=cold", "sft.steps=60", "sft.batch_size=32", "sft.style=long",
+                 "sft.eval_every=25", "sft.eval_problems=8", *knobs]) == 0
     summary = json.loads((tmp_path / "cold" / "sft.json").read_text())
+    # the learning curve: held-out accuracy on the first 8 problems after 25 and 50 steps, then all 24 at the end
+    evals = [r for r in map(json.loads, (tmp_path / "cold" / "metrics.jsonl").read_text().splitlines())
+             if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [25, 50, 60]
+    assert all(r["eval/accuracy"] in {k / 8 for k in range(9)} for r in evals[:2])
+    assert evals[-1]["eval/accuracy"] == summary["heldout_accuracy"]
     written = {p.name for p in (tmp_path / "cold" / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= written
     out = tmp_path / "eval.json"

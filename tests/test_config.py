@@ -31,6 +31,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
         ("train:\n  batch_prompts: 3\n  group_size: 3\n  n_minibatches: 2\n", "does not divide"),
         ("algo: [1, 2]\n", "algo: expected a section"),
         ("train:\n  steps: [\n", "c.yaml:3: invalid YAML"),
+        ("sft:\n  eval_every: -5\n", "sft.eval_every: got -5, expected >= 0 (0 = never)"),
+        ("sft:\n  eval_problems: 0\n", "sft.eval_problems: got 0, expected >= 1"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, needle):
