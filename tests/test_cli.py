@@ -94,4 +94,4 @@ def test_quickstart_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     sft_json.write_text(json.dumps({**json.loads(sft_json.read_text()), "heldout_accuracy": 0.006}))
     assert main(["quickstart", "--no-progress", *tiny]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "reusing" in out and "the cold start scores 0.6% held-out, below 5%: its SFT did not take" in out
+    assert "reusing" in out and "the cold start scores 0.6% held-out, below 5%: its SFT may not have taken" in out

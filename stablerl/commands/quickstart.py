@@ -41,11 +41,12 @@ def run(args) -> int:
     sft_summary = sft_cfg.run_dir() / "sft.json"
     cold_acc = json.loads(sft_summary.read_text())["heldout_accuracy"] if sft_summary.exists() else None
     if cold_acc is not None and cold_acc < LOW_COLD_START:
-        # the SFT learning curve of the default task is a steep transition whose place depends on seed and CPU
-        # (docs/log.md 2026-11-29: seed 1 lands at 0.6%); RL from there sees almost no reward to learn from
+        # the SFT curve of the default task is a steep transition whose place depends on seed and CPU (docs/log.md):
+        # a run that has not crossed it gives RL almost no reward to learn from
         console.print(f"[yellow]warning: the cold start scores {cold_acc:.1%} held-out, below "
-                      f"{LOW_COLD_START:.0%}: its SFT did not take, and RL will find little reward. Rebuild it with "
-                      f"--rebuild-cold-start and another seed (seed=N) or more steps (sft.steps=N).[/yellow]")
+                      f"{LOW_COLD_START:.0%}: its SFT may not have taken (its learning curve is in "
+                      f"{sft_cfg.run_dir() / 'metrics.jsonl'}), and RL will find little reward if so. Rebuild it "
+                      f"with --rebuild-cold-start and another seed (seed=N) or more steps (sft.steps=N).[/yellow]")
     rl_cfg = replace(base, name="quickstart" if base.name == "run" else base.name, init=str(cold))
     console.rule(f"RL: {rl_cfg.algo.loss}, N={rl_cfg.train.n_minibatches}, engine {rl_cfg.engine.numerics}, "
                  f"trainer {rl_cfg.train.dtype}, {rl_cfg.train.steps} steps")
