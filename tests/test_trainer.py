@@ -59,6 +59,38 @@ def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
     assert any(r["is/staleness_max"] > 1.0 or r["is/staleness_min"] < 1.0 for r in steps)
 
 
+def test_r3_with_fp32_engine_replays_the_trainers_own_routes(tmp_path):
+    # The engine's routes laid out like the training batch (prompt then response tokens, full_routes) against the
+    # trainer's own router, computed independently: with fp32 numerics they agree on every token of every layer, so
+    # R3 changes nothing there, and replaying them reproduces the trainer's logits on every real token (to float
+    # rounding: padding rows run expert 0 under replay, which changes the experts' GEMM shapes).
+    import torch
+
+    from stablerl.diagnostics import routing_agreement
+    from stablerl.engine import Engine
+    from stablerl.model import get_model
+    from stablerl.sequences import pack
+    from stablerl.trainer import full_routes, seq_token_mask
+
+    model, tok = get_model("tiny-moe", seed=0)
+    ro = Engine(model, tok, numerics="fp32").generate(["Q: 12+34\n", "Q: 5+6+7\n", "Q: 1\n"], n=2,
+                                                      max_new_tokens=12, seed=0)
+    packed = pack(ro.prompt_ids, [row[m].tolist() for row, m in zip(ro.tokens, ro.mask)], tok.pad_id)
+    routes, real = full_routes(ro, packed), seq_token_mask(packed)  # (N, S, L, K), (N, S)
+    own = model(packed.ids)
+    agree = routing_agreement(routes, own.routes, real, "r")
+    assert agree == {**{f"r/layer{i}": 1.0 for i in range(model.config.num_hidden_layers)}, "r/mean": 1.0}
+    replayed = model(packed.ids, routes=routes)
+    torch.testing.assert_close(replayed.logits[real], own.logits[real], rtol=0, atol=1e-6)
+    # and through the trainer: R3 with the fp32 engine, on-policy, is first order with no staleness
+    rows = [r for r in _run(tmp_path, "r3fp32", ["train.steps=2", "engine.numerics=fp32", "algo.replay=R3"])
+            if "is/staleness_max" in r]
+    assert rows
+    for r in rows:
+        assert r["is/staleness_min"] == 1.0 and r["is/staleness_max"] == 1.0 and r["clip/frac"] == 0.0
+        assert abs(r["is/discrepancy_max"] - 1) < 1e-4 and abs(r["is/discrepancy_min"] - 1) < 1e-4
+
+
 @pytest.mark.slow
 def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}",
