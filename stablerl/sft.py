@@ -22,6 +22,7 @@ from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.metrics import MetricsWriter
 from stablerl.model import get_model
+from stablerl.plots import plot_run_quietly
 from stablerl.sequences import Packed, pack, response_logp
 from stablerl.tasks import task_examples
 
@@ -145,6 +146,7 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     seconds = time.perf_counter() - t0
     writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
     writer.close()
+    plot_run_quietly(run_dir)
     summary = {"checkpoint": str(ckpt), "style": cfg.sft.style, "heldout_accuracy": res.accuracy, "n_heldout": res.n,
                "final_loss": loss_ema, "seconds": seconds, "samples": res.samples}
     (run_dir / "sft.json").write_text(json.dumps(summary, indent=2))

@@ -27,6 +27,7 @@ from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.metrics import MetricsWriter, read_metrics
 from stablerl.model import get_model
+from stablerl.plots import plot_run_quietly
 from stablerl.rewards import score
 from stablerl.sampling import logprobs_from_logits
 from stablerl.sequences import Packed, pack, response_logits, response_logp
@@ -228,6 +229,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
             if bad_in_row >= t.max_bad_steps:
                 writer.log(step + 1, m)  # the step's row, numbered like every other step's
                 writer.close()
+                plot_run_quietly(run_dir, console.print)  # the curves up to the abort are what a user looks at first
                 raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient "
                                 f"(last at step {step}); lower train.lr or check the data (metrics in {writer.path})")
             # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
@@ -245,6 +247,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
                 save_checkpoint(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints)
             progress.update(bar, advance=1, info=_line(m))
     writer.close()
+    plot_run_quietly(run_dir, console.print)
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})

@@ -81,6 +81,7 @@ def test_quickstart_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["rl_steps"] == 2 and summary["cold_start"] == str(tmp_path / "qs-sft" / "model")
+    assert (tmp_path / "qs" / "curves.png").exists() and (tmp_path / "qs-sft" / "curves.png").exists()
     # the summary is read from the run's own files: its first and last eval rows
     evals = [r for r in map(json.loads, (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines())
              if "eval/accuracy" in r]

@@ -102,6 +102,7 @@ def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "step"} <= samples[0].keys()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())

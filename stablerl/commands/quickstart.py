@@ -70,6 +70,6 @@ def run(args) -> int:
     table.add_row("RL steps / time", f"{res.steps} / {res.seconds:.0f}s")
     table.add_row("total wall time / peak RSS", f"{wall:.0f}s / {peak_gib:.2f} GiB")
     console.print(table)
-    console.print(f"outputs: {res.run_dir}/ (metrics.jsonl, tb/, samples.jsonl, checkpoints/); "
+    console.print(f"outputs: {res.run_dir}/ (curves.png, metrics.jsonl, tb/, samples.jsonl, checkpoints/); "
                   f"cold start: {cold}\nTensorBoard: tensorboard --logdir {res.run_dir}/tb")
     return 0

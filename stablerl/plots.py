@@ -1,0 +1,82 @@
+"""`curves.png` for a run directory, drawn from its `metrics.jsonl` alone (a run's results are files; this reads
+only files, never the trainer). One panel per group of metrics the run logged; panels with no data are left out,
+so the same function draws an RL run and an SFT cold start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stablerl.metrics import read_metrics
+
+# (title, [(metric key, label)], log-scale y)
+PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
+    ("held-out greedy accuracy / rollout reward", [("eval/accuracy", "held-out greedy"),
+                                                   ("reward/mean", "rollout reward")], False),
+    ("response length (tokens)", [("eval/mean_length", "held-out greedy"), ("length/mean", "rollouts")], False),
+    ("train-inference KL (E3)", [("kl/k3", "k3"), ("kl/k1", "k1")], True),
+    ("entropy (nats/token)", [("entropy/mean", "rollout tokens")], False),
+    ("IS weights and clipping (E5)", [("is/discrepancy_max", "discrepancy max"),
+                                      ("is/staleness_max", "staleness max"), ("clip/frac", "clip fraction")], False),
+    ("first-order fidelity (E9)", [("fidelity/cosine", "cos(g_seq, g_tok)")], False),
+    ("routing agreement (E7)", [("route/infer_vs_train/mean", "engine vs trainer"),
+                                ("route/old_vs_current/mean", "θ_old vs current")], False),
+    ("SFT loss", [("sft/loss", "response-token CE")], True),
+]
+
+
+def select_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, list[tuple[int, float]]]], bool]]:
+    """The PANELS these metric rows have data for: (title, [(label, [(step, value)])], log-scale)."""
+    panels = []
+    for title, series, log in PANELS:
+        lines = []
+        for key, label in series:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+            if pts and not (log and all(v <= 0 for _, v in pts)):  # a log axis cannot show only values <= 0
+                lines.append((label, pts))
+        if lines:
+            panels.append((title, lines, log))
+    return panels
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Write `curves.png` (or `out`) for the run in `run_dir`; None when its metrics.jsonl holds no rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend or figure state
+
+    run_dir = Path(run_dir)
+    panels = select_panels(read_metrics(run_dir / "metrics.jsonl"))
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for k, (title, lines, log) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        for label, pts in lines:
+            xs, ys = zip(*pts)
+            # sparse series (evals every k steps) get markers so their few points are visible
+            ax.plot(xs, ys, label=label, marker="o" if len(pts) <= 30 else None, markersize=3, linewidth=1.2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(str(run_dir), fontsize=10)
+    path = Path(out) if out is not None else run_dir / "curves.png"
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
+    return path
+
+
+def plot_run_quietly(run_dir: str | Path, warn=print) -> Path | None:
+    """plot_run for the end of a run: a failed plot is reported, never allowed to fail the run that made the data."""
+    try:
+        return plot_run(run_dir)
+    except Exception as e:  # the metrics are already on disk; the picture is a convenience
+        warn(f"warning: could not draw {Path(run_dir) / 'curves.png'}: {type(e).__name__}: {e}")
+        return None
