@@ -57,7 +57,7 @@ class AlgoConfig:
 class TrainConfig:
     """The RL loop (E8: B prompts x G samples per global step, split into N mini-batch updates)."""
 
-    steps: int = 60  # from the default cold start: +40 / +66 held-out points by step 20-60 (docs/log.md 2026-12-01)
+    steps: int = 60  # from the default cold start: +36..+70 held-out points over six seeds (docs/log.md 2026-12-01)
     batch_prompts: int = 32  # B; at 16 the default cold start's greedy accuracy did not move in 150 steps (docs/log.md)
     group_size: int = 8  # G
     n_minibatches: int = 1  # N; 1 = on-policy
@@ -82,11 +82,11 @@ class SFTConfig:
 
     # trace style (long | short | answer) or a per-example mixture. The default mixes worked solutions with bare
     # answers, as real SFT sets mix reasoning and non-reasoning data: the cold start can solve the task when it
-    # writes the scratchpad (81-95% there) but often answers bare, and RL has to find out that the scratchpad pays
-    # (docs/log.md 2026-12-01). `long` alone: 53-77% held-out after 480 steps, +10 points from RL.
+    # writes the scratchpad (59-99% right there over six seeds) but often answers bare, and RL has to find out that
+    # the scratchpad pays (docs/log.md 2026-12-01). `long` alone: 53-77% held-out after 480 steps, +10 from RL.
     style: str = "long:0.5,answer:0.5"
-    # ~64 scratchpads per step; with 64 examples of a 50/50 mixture in 400 steps the scratchpad mode did not take
-    # for seed 1 (0.1% held-out, docs/log.md 2026-11-29), with 128 in 480 steps it did for seeds 0-3
+    # ~64 scratchpads per step, 30k in all: with ~10k (40/60, batch 64, 400 steps) the scratchpad did not take for
+    # seed 1 (docs/log.md 2026-11-29); with this it did for seeds 0-4, half for seed 5 (59% right)
     steps: int = 480
     batch_size: int = 128
     lr: float = 3e-3
