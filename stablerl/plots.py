@@ -40,7 +40,7 @@ def select_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, list[tupl
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """Write `curves.png` (or `out`) for the run in `run_dir`; None when its metrics.jsonl holds no rows."""
+    """Write `curves.png` (or `out`) for the run in `run_dir`; None when its metrics.jsonl has nothing PANELS draws."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend or figure state
 

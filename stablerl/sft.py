@@ -100,12 +100,15 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     heldout = task_examples(cfg.task, "heldout")
-
-    def held_out(problems):  # greedy accuracy of the fp32 model itself (an engine copy: training is unaffected)
-        return evaluate(Engine(model.float(), tok, numerics="fp32"), problems, cfg.engine.max_new_tokens,
-                        reward=task_reward(cfg.task), timeout=cfg.task.reward_timeout, seed=cfg.seed)
-
     writer = MetricsWriter(run_dir, tensorboard=True)
+
+    def held_out(problems, step: int):
+        """Greedy accuracy of the fp32 model itself (an engine copy: training is unaffected), logged at `step`."""
+        res = evaluate(Engine(model.float(), tok, numerics="fp32"), problems, cfg.engine.max_new_tokens,
+                       reward=task_reward(cfg.task), timeout=cfg.task.reward_timeout, seed=cfg.seed)
+        writer.log(step, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
+        return res
+
     s = cfg.sft
     t0, tokens, loss_ema, curve = time.perf_counter(), 0, None, ""
     progress = Progress(TextColumn("sft"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -134,17 +137,15 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
             writer.log(step, {"sft/loss": lv, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/tokens_per_s": tps})
             if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
                 # the SFT curve is steep where it crosses over (docs/log.md): the curve says where a run sits on it
-                res = held_out(heldout[: s.eval_problems])
+                res = held_out(heldout[: s.eval_problems], step + 1)
                 model.to(DTYPES[s.dtype]).train()
-                writer.log(step + 1, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
                 curve = f"  eval {res.accuracy:.1%}"
             progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s{curve}")
     model.float().eval()
     ckpt = run_dir / "model"
     model.save(ckpt, tokenizer=tok)
-    res = held_out(heldout)
+    res = held_out(heldout, s.steps)
     seconds = time.perf_counter() - t0
-    writer.log(s.steps, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
     writer.close()
     plot_run_quietly(run_dir)
     summary = {"checkpoint": str(ckpt), "style": cfg.sft.style, "heldout_accuracy": res.accuracy, "n_heldout": res.n,
