@@ -1,8 +1,10 @@
 """`stablerl` command line. Each subcommand lives in its own module with `add_arguments(p)` and `run(args) -> int`.
 
 Modules are imported only when their command runs, so `stablerl --help` stays instant and a missing optional
-dependency of one command never breaks the others. Errors a user can fix (bad config, bad data file) are
-`UserError`s: printed as one line naming the file/key, exit code 2, no traceback.
+dependency of one command never breaks the others. Every failure is one line on stderr, never a traceback (that is
+what `--debug` is for): errors a user can fix (`UserError`: bad config, data file, checkpoint, a run directory in
+use; `OSError`: missing file, disk full, permission denied) name the file and what to do, exit code 2; anything else
+is a bug of ours, reported as such, exit code 1.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from stablerl.errors import UserError
+from stablerl.errors import UserError, describe_os_error, one_line
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,16 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     p = argparse.ArgumentParser(prog=f"stablerl {name}", description=COMMANDS[name][1])
     module.add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = p.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (UserError, FileNotFoundError) as e:
-        # Input problems (ConfigError, DataError, missing files) carry one-line messages naming the file, line or key.
-        print(f"stablerl {name}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"stablerl {name}: interrupted (checkpoints already written are kept)", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, UserError):
+            msg, code = one_line(e), 2
+        elif isinstance(e, OSError):
+            msg, code = describe_os_error(e), 2
+        else:
+            msg, code = f"internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", 1
+        print(f"stablerl {name}: error: {msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from stablerl.errors import UserError
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
@@ -52,13 +54,29 @@ def _clean(v):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a JSONL metrics file. A torn last line (the process was killed while writing it) is left out;
+    a broken line elsewhere is a corrupt file: UserError naming file:line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}:{i + 1}: invalid JSON ({e.msg}); the file is corrupt") from None
+    return rows
 
 
 def truncate_after(path: Path, step: int) -> None:
+    """Keep the rows with step <= `step` (and drop a torn last line), atomically; no file, nothing to do."""
+    if not path.exists():
+        return
     rows = read_metrics(path)
     keep = [r for r in rows if r.get("step", -1) <= step]
     tmp = path.with_suffix(".tmp")
