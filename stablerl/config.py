@@ -112,6 +112,10 @@ class TaskConfig:
     n_heldout: int = 1024  # greedy accuracy to ~1.5 points (s.e.); 256 problems gave 55.9% where 1,024 gave 60.3%
     reward: str | None = None  # reward fn name or "package.module:function"; None = the task's own (math for files)
     reward_timeout: float = 5.0
+    # render dataset prompts with the checkpoint's chat template, as transformers'
+    # apply_chat_template(add_generation_prompt=True) does; needs a checkpoint whose tokenizer has one
+    chat_template: bool = False
+    system_prompt: str | None = None  # system message of the chat template's conversation (only with chat_template)
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.{e}") from None
     if t.lr <= 0 or cfg.sft.lr <= 0:
         raise ConfigError("train.lr / sft.lr: expected > 0")
+    if cfg.task.system_prompt is not None and not cfg.task.chat_template:
+        raise ConfigError("task.system_prompt: set, but task.chat_template is false (the system prompt is a message "
+                          "of the chat template); set task.chat_template=true")
 
 
 def task_reward(task: TaskConfig) -> str:

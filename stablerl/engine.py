@@ -37,7 +37,7 @@ class Rollout:
 
     prompts: list[str]  # the B prompts
     prompt_index: torch.Tensor  # (N,) int64: row -> prompt
-    prompt_ids: list[list[int]]  # N token lists as the model saw them (BOS first)
+    prompt_ids: list[list[int]]  # N token lists as the model saw them (with the tokenizer's BOS / chat template)
     prompt_lens: torch.Tensor  # (N,) int64
     tokens: torch.Tensor  # (N, T) int64 response tokens, right-padded with the tokenizer's pad id
     mask: torch.Tensor  # (N, T) bool: real response tokens, including the EOS / stop-string token that ended it
@@ -107,7 +107,7 @@ class Engine:
         return None
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Prompt ids (BOS first); UserError naming the prompt's index if one cannot be answered."""
+        """Prompt ids (`tokenizer.encode_prompt`); UserError naming the prompt's index if one cannot be answered."""
         out = []
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
@@ -121,7 +121,7 @@ class Engine:
     def generate(self, prompts: list[str], n: int = 1, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, max_new_tokens: int | None = None, stop: tuple[str, ...] | None = None,
                  seed: int | torch.Generator = 0, ignore_eos: bool = False, return_routes: bool = True) -> Rollout:
-        """n samples for each prompt. A row stops at EOS (unless `ignore_eos`), at a stop string, after
+        """n samples for each prompt. A row stops at any EOS id (unless `ignore_eos`), at a stop string, after
         `max_new_tokens`, or when prompt + response fill the model context (finish_reason "length")."""
         d = self.defaults
         temperature = d["temperature"] if temperature is None else temperature
@@ -154,7 +154,8 @@ class Engine:
         return self._finish(prompts, enc, n, tokens, length, reason, logp, routes, prompt_routes, stop)
 
     def _run(self, enc, n, sampling, max_new, gen, ignore_eos, want_routes, stop):
-        m, dev, pad_id, eos = self.model, self.device, self.tokenizer.pad_id, self.tokenizer.eos_id
+        m, dev, pad_id = self.model, self.device, self.tokenizer.pad_id
+        eos = torch.tensor(self.tokenizer.eos_ids, device=dev)  # (n_eos,) every one stops a row (Llama-3: two)
         B, P = len(enc), max(len(e) for e in enc)
         lens = torch.tensor([len(e) for e in enc], device=dev)  # (B,)
         ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)  # (B, P) left-padded
@@ -193,7 +194,7 @@ class Engine:
                 tok, lp = sample(logits, generator=gen, **sampling)
             tokens[rows, t] = tok
             logp[rows, t] = lp
-            hit_eos = torch.zeros_like(done) if ignore_eos else tok == eos
+            hit_eos = torch.zeros_like(done) if ignore_eos else torch.isin(tok, eos)
             at_limit = limit[rows] <= t + 1
             new = ~done & (hit_eos | at_limit)
             length[rows[new]] = t + 1

@@ -58,7 +58,7 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2  # kept as config.json gives it: several ids all stop generation
     pad_token_id: int | None = 0
 
     @property
@@ -96,8 +96,8 @@ class ModelConfig:
             d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d["num_attention_heads"]
-        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if isinstance(d.get(k), list):  # some checkpoints list several EOS ids; the first is the main one
+        for k in ("bos_token_id", "pad_token_id"):  # a list of EOS ids stays a list (to_hf writes it back)
+            if isinstance(d.get(k), list):
                 d[k] = d[k][0]
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -500,5 +500,5 @@ def get_model(name: str | Path, seed: int = 0, dtype: torch.dtype = torch.float3
         model = build_model(PRESETS[str(name)], seed).to(dtype)
         return model, TextTokenizer.char()
     model = load_model(name, dtype)
-    c = model.config
-    return model, TextTokenizer.load(resolve_dir(name), eos_id=c.eos_token_id, bos_id=c.bos_token_id)
+    # the directory, not the model config: the tokenizer reads every EOS id (config.json, generation_config.json)
+    return model, TextTokenizer.load(resolve_dir(name))

@@ -1,9 +1,9 @@
 """Packing prompt + response token lists into one right-padded batch, and reading response log-probs from it.
 
 Shared by SFT (cross-entropy on response tokens) and RL (logp_old / logp of the sampled tokens). Layout of row i:
-`[prompt_i (P_i tokens, BOS first) | response_i (T_i tokens) | pad ...]`, positions 0..S-1, plain causal attention
-(padding sits after every real token, so it is never attended to). The logit at position j predicts token j+1, so
-response token t of row i is read from logits[i, P_i + t - 1].
+`[prompt_i (P_i >= 1 tokens, as encode_prompt made them) | response_i (T_i tokens) | pad ...]`, positions 0..S-1,
+plain causal attention (padding sits after every real token, so it is never attended to). The logit at position j
+predicts token j+1, so response token t of row i is read from logits[i, P_i + t - 1].
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Inference engine: parity with the training forward (E3 discrepancy ≈ 0 in fp32), KV-cache decode, sampling,
 stopping, numerics, the generate CLI and its bad input."""
 
+import dataclasses
 import json
 import math
 
@@ -172,7 +173,7 @@ def test_stops_eos_stop_strings_and_max_tokens(moe):
     assert ro.tokens[0, : ro.lengths[0]].tolist() == ids[: cut + len(stop)]
     # EOS (here: pretend the 4th token is EOS): kept in the mask, nothing after it
     eos = ids[3]
-    tok_eos = type(tok)(tok.tok, bos_id=tok.bos_id, eos_id=eos, pad_id=tok.pad_id)
+    tok_eos = dataclasses.replace(tok, eos_ids=(eos,))
     ro = Engine(model, tok_eos, numerics="fp32").generate(PROMPTS[:1], **kw)
     first = ids.index(eos)
     assert ro.finish_reason == ["stop"] and ro.lengths.tolist() == [first + 1]

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stablerl.config import TaskConfig, task_reward
+from stablerl.errors import UserError
 
 
 def add_arguments(p):
@@ -16,6 +17,9 @@ def add_arguments(p):
     src.add_argument("--data", default=None, help="JSONL / Parquet / CSV file of {prompt, answer} records")
     p.add_argument("--prompt-key", default="prompt")
     p.add_argument("--answer-key", default="answer")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompts with the checkpoint's chat template (as transformers' apply_chat_template)")
+    p.add_argument("--system-prompt", default=None, help="system message for --chat-template")
     p.add_argument("--n", type=int, default=None, help="evaluate only the first n examples")
     p.add_argument("--k", type=int, default=0, help="also sample k answers per prompt at temperature 1 (mean@k)")
     p.add_argument("--numerics", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"])
@@ -31,12 +35,15 @@ def run(args) -> int:
     from stablerl.evaluate import evaluate
     from stablerl.model import get_model
     from stablerl.tasks import task_examples
+    from stablerl.tokenizer import prompt_tokenizer
 
+    if args.system_prompt is not None and not args.chat_template:
+        raise UserError("--system-prompt: needs --chat-template (the system prompt is a message of the chat template)")
     task = TaskConfig(name=args.task or "arith", heldout_data=args.data, prompt_key=args.prompt_key,
-                      answer_key=args.answer_key)
+                      answer_key=args.answer_key, chat_template=args.chat_template, system_prompt=args.system_prompt)
     examples = task_examples(task, "heldout")[: args.n]
     model, tok = get_model(args.model, seed=args.seed)
-    engine = Engine(model.eval(), tok, numerics=args.numerics)
+    engine = Engine(model.eval(), prompt_tokenizer(tok, task), numerics=args.numerics)
     reward = args.reward or task_reward(task)
     res = evaluate(engine, examples, args.max_new_tokens, k=args.k, reward=reward, seed=args.seed)
     table = Table(title=f"eval {args.model} on {args.data or args.task}")

@@ -27,6 +27,9 @@ def add_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
     p.add_argument("--numerics", default="bf16", choices=["fp32", "bf16", "fp16", "fp8"])
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompts with the checkpoint's chat template (as transformers' apply_chat_template)")
+    p.add_argument("--system-prompt", default=None, help="system message for --chat-template")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same samples")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
     p.add_argument("--routes", action="store_true", help="also write the routed experts (MoE models)")
@@ -59,15 +62,26 @@ def read_prompts(path: Path) -> list[tuple[int, str]]:
 def run(args) -> int:
     import torch
 
+    from stablerl.config import TaskConfig
     from stablerl.engine import Engine
+    from stablerl.model import get_model
+    from stablerl.tokenizer import prompt_tokenizer
 
     path = Path(args.prompts)
     lines = read_prompts(path)
     if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--n, --batch-size and --max-new-tokens must be >= 1")
-    engine = Engine(args.model, numerics=args.numerics)
+    if args.system_prompt is not None and not args.chat_template:
+        raise UserError("--system-prompt: needs --chat-template (the system prompt is a message of the chat template)")
+    model, tok = get_model(args.model)  # presets: seed 0
+    tok = prompt_tokenizer(tok, TaskConfig(chat_template=args.chat_template, system_prompt=args.system_prompt))
+    engine = Engine(model, tok, numerics=args.numerics)
     for lineno, prompt in lines:  # all checked before any output: a long prompt never leaves a partial file
-        if why := engine.problem(engine.tokenizer.encode_prompt(prompt)):
+        try:
+            ids = engine.tokenizer.encode_prompt(prompt)
+        except UserError as e:  # e.g. the chat template's raise_exception on this prompt
+            raise UserError(f"{path}:{lineno}: {e}") from None
+        if why := engine.problem(ids):
             raise UserError(f"{path}:{lineno}: {why}")
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.output).open("w", encoding="utf-8") if args.output else sys.stdout
@@ -85,7 +99,7 @@ def run(args) -> int:
                        "finish_reason": ro.finish_reason[i]}
                 if args.routes and ro.routes_infer is not None:
                     rec["routes"] = ro.routes_infer[i, :t].tolist()  # (T, L, K) experts per response token
-                    rec["prompt_routes"] = ro.prompt_routes[i].tolist()  # (P, L, K), BOS first
+                    rec["prompt_routes"] = ro.prompt_routes[i].tolist()  # (P, L, K), one per prompt token
                 out.write(json.dumps(rec) + "\n")
             out.flush()
     except BrokenPipeError:  # `stablerl generate ... | head`: the reader has all it wants (Python docs' recipe)
