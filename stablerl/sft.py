@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from stablerl.checkpoint import RunLock
 from stablerl.config import Config, save_config, task_reward
 from stablerl.engine import Engine
 from stablerl.errors import UserError
@@ -25,6 +26,7 @@ from stablerl.model import get_model
 from stablerl.plots import plot_run_quietly
 from stablerl.sequences import Packed, pack, response_logp
 from stablerl.tasks import task_examples
+from stablerl.tokenizer import prompt_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -80,10 +82,16 @@ def sft_backward(model, batches: list[Packed]) -> torch.Tensor:
 
 
 def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
+    with RunLock(cfg.run_dir()):  # one writer per run directory
+        return _run_sft(cfg, show_progress)
+
+
+def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
     run_dir = cfg.run_dir()
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     model, tok = get_model(cfg.model, seed=cfg.seed)
+    tok = prompt_tokenizer(tok, cfg.task)  # the chat template, when task.chat_template asks for it
     examples = task_examples(cfg.task, "train")
     mix = parse_style(cfg.sft.style)
     for style in mix:
@@ -95,6 +103,9 @@ def run_sft(cfg: Config, show_progress: bool = True) -> SFTResult:
     styles = list(mix)
     probs = torch.tensor([mix[k] for k in styles], dtype=torch.float64)
     prompts = [tok.encode_prompt(e.prompt) for e in examples]
+    if empty := [i for i, p in enumerate(prompts) if not p]:  # a tokenizer without BOS encodes "" to no tokens
+        raise UserError(f"task: training example {empty[0]} has an empty prompt (no tokens, and the tokenizer adds "
+                        f"no BOS); {len(empty)} such examples in all: give every example a prompt")
     responses = {k: [tok.encode(e.traces[k]) + [tok.eos_id] for e in examples] for k in styles}
     model.to(DTYPES[cfg.sft.dtype]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))

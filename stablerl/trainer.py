@@ -20,12 +20,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stablerl import diagnostics as diag
 from stablerl.algorithm import BatchSize, group_advantages, policy_loss
-from stablerl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from stablerl.config import Config, check_replay, save_config, task_reward
+from stablerl.checkpoint import RunLock, check_resume_config, list_checkpoints, load_trainer_state, save_checkpoint
+from stablerl.config import Config, check_replay, load_config, save_config, task_reward
 from stablerl.engine import Engine, Rollout
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
-from stablerl.metrics import MetricsWriter, read_metrics
+from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
 from stablerl.model import get_model
 from stablerl.plots import plot_run_quietly
 from stablerl.rewards import score
@@ -33,6 +33,7 @@ from stablerl.sampling import logprobs_from_logits
 from stablerl.sequences import Packed, pack, response_logits, response_logp
 from stablerl.sft import DTYPES, lr_at
 from stablerl.tasks import task_examples
+from stablerl.tokenizer import prompt_tokenizer
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,21 @@ def seq_token_mask(packed: Packed) -> torch.Tensor:
 
 
 def train(cfg: Config, resume: bool = False, show_progress: bool = True, console: Console | None = None) -> TrainResult:
-    console = console or Console()
+    with RunLock(cfg.run_dir()):  # one writer per run directory
+        return _train(cfg, resume, show_progress, console or Console())
+
+
+def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> TrainResult:
     run_dir = cfg.run_dir()
     e, a, t = cfg.engine, cfg.algo, cfg.train
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
+    point = resume_point(run_dir, console) if resume else None
+    if resume and point is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}, starting from step 0[/yellow]")
-    start = 0
-    model, tok = get_model(ckpt or cfg.init or cfg.model, seed=cfg.seed)
+    if point is not None and (run_dir / "config.yaml").exists():  # checked before anything in run_dir is touched
+        check_resume_config(load_config(run_dir / "config.yaml"), cfg, run_dir / "config.yaml")
+    ckpt, model, tok, state = point or (None, *get_model(cfg.init or cfg.model, seed=cfg.seed), {})
+    tok = prompt_tokenizer(tok, cfg.task)  # the chat template, when task.chat_template asks for it
+    start = state.get("step", 0)
     check_replay(cfg, model.is_moe)
     save_config(cfg, run_dir / "config.yaml")  # before step 0: the run directory always says how it was made
     model.to(DTYPES[t.dtype]).train()
@@ -88,20 +96,20 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
-    state = {}
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
         opt.load_state_dict(state["optimizer"])
-        start = state["step"]
         console.print(f"resuming {run_dir} from {ckpt.name}")
     engine = Engine(model, tok, numerics=e.numerics)  # its own copy of the weights, cast to its numerics
     evaluator = Engine(model, tok, numerics="fp32")  # held-out accuracy of the policy itself, not of its bf16 copy
     examples = task_examples(cfg.task, "train")
     reward_fn = task_reward(cfg.task)
     heldout = task_examples(cfg.task, "heldout")
+    # every file of the run directory continues from the resumed step: rows a crashed run wrote after it are dropped
     writer = MetricsWriter(run_dir, resume_step=start if ckpt is not None else None)
     samples_path = run_dir / "samples.jsonl"
-    if ckpt is None and samples_path.exists():
+    if ckpt is not None:
+        truncate_after(samples_path, start)
+    elif samples_path.exists():
         samples_path.unlink()
     B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
     hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
@@ -253,6 +261,21 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, console
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     return TrainResult(run_dir, t.steps, first.get("eval/accuracy"), last.get("eval/accuracy"),
                        time.perf_counter() - t_start, first.get("eval/mean_length"), last.get("eval/mean_length"))
+
+
+def resume_point(run_dir: Path, console: Console) -> tuple[Path, object, object, dict] | None:
+    """(checkpoint, model, tokenizer, trainer state) of the newest checkpoint that loads, or None when there is none.
+    A corrupt or unreadable one is reported and the one before it is used; if none loads, UserError."""
+    found = list_checkpoints(run_dir)
+    for ckpt in reversed(found):
+        try:
+            return (ckpt, *get_model(ckpt), load_trainer_state(ckpt))
+        except UserError as err:
+            console.print(f"[yellow]--resume: {ckpt.name} is unreadable, trying the one before it: {err}[/yellow]")
+    if found:
+        raise UserError(f"--resume: none of the {len(found)} checkpoints in {run_dir / 'checkpoints'} loads (see the "
+                        "warnings above); start a new run with another name=...")
+    return None
 
 
 def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torch.Tensor | None, sampling: dict,

@@ -107,7 +107,7 @@ def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
     assert samples and {"prompt", "completion", "reward", "step"} <= samples[0].keys()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step_000001", "step_000002"]
-    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.safetensors"} <= {
         p.name for p in (run / "checkpoints" / "step_000002").iterdir()}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
