@@ -149,6 +149,9 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
                            timeout=cfg.task.reward_timeout)
             rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(B, G)  # (B, G)
             adv = group_advantages(rewards, a.adv_mode).flatten()  # (N,) prompt-major, like the rollout
+            if not torch.isfinite(adv).all():
+                raise UserError(f"step {step}: rewards up to {rewards.abs().max().item():.3g} overflow the group "
+                                f"advantages (E4) in fp32; scale the reward function {reward_fn!r} down")
             timing["time/rewards"] = time.perf_counter() - t0
             m |= diag.reward_stats(rewards, ro.mask.sum(1), torch.tensor([r == "length" for r in ro.finish_reason]))
             m |= {"reward/errors": scored.n_errors, "reward/timeouts": scored.n_timeouts}
@@ -192,13 +195,15 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
             probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0
             replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
             mb_stats: list[dict] = []
-            skipped = 0
+            attempted = skipped = 0  # mini-batches with rows to update / of those, the ones a guard stopped
             for j, (idx, rows) in enumerate(zip(order, live)):
                 if rows.numel() == 0:
                     continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
+                attempted += 1
                 mb = _select(packed, rows)
                 S, T = mb.ids.shape[1], mb.mask.shape[1]  # trimmed to these rows' longest sequence / response
-                if graph is not None:  # N = 1: θ_old's own forward of these rows (R2 would replay its own routes)
+                reused = graph is not None
+                if reused:  # N = 1: θ_old's own forward of these rows (R2 would replay its own routes)
                     (logp, cur_routes), graph = graph, None
                     logp = logp.masked_fill(~mb.mask, 0.0)  # (n, T) padding and tokens outside the support: zeroed
                 else:
@@ -208,9 +213,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
                 # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it
                 keep = mb.mask & torch.isfinite(logp.detach())  # (n, T)
                 if not keep.any():
+                    skipped += 1  # nothing left to learn from: as bad as a NaN (non-finite weights end up here)
                     continue
                 out = policy_loss(a.loss, logp, logp_old[rows, :T], logp_infer[rows, :T], adv[rows], keep,
-                                  batch=BatchSize.of(mask[idx]), **hp)
+                                  batch=minibatch_size(mask, idx, rows, keep), **hp)
                 if probe and j == N - 1:
                     # E9 on the last (most stale) mini-batch, at the weights its update sees: w = π_θ/μ_θold
                     # holds exactly the discrepancy and staleness this gradient is computed under. Rows with Â = 0
@@ -226,14 +232,15 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
                     continue
                 opt.step()
                 st = {**out.stats, "loss/policy": float(out.loss.detach()), "grad/norm": float(gnorm)}
-                if a.replay == "none" and cur_routes is not None:
+                if a.replay == "none" and cur_routes is not None and not reused:  # reused: agreement 1 by construction
                     st |= diag.routing_agreement(routes_old[rows, :S], cur_routes, tok_mask[rows, :S],
                                                 "route/old_vs_current")
                 mb_stats.append(st)
             timing["time/updates"] = time.perf_counter() - t0
             m |= _mean_dicts(mb_stats)
             m["guard/skipped_minibatches"] = skipped
-            bad_in_row = bad_in_row + 1 if skipped == N else 0
+            if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
+                bad_in_row = bad_in_row + 1 if skipped == attempted else 0
             if bad_in_row >= t.max_bad_steps:
                 writer.log(step + 1, m)  # the step's row, numbered like every other step's
                 writer.close()
@@ -305,6 +312,16 @@ def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torc
                 routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=torch.long)
             routes[idx, :S] = out.routes
     return logp_old, lp_full, routes, graph
+
+
+def minibatch_size(mask: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> BatchSize:
+    """E5/E6 normalisation sizes of mini-batch `idx` (N_mb,): all its rows (those with Â = 0 too), counting only the
+    tokens the loss sums over. `mask` (N, T) holds every row's tokens; `keep` (n, t) those of the live `rows` (n,)
+    that the moved policy still supports (with top-p/top-k it may drop a sampled token)."""
+    kept = mask.clone()  # (N, T)
+    kept[rows] = False
+    kept[rows, : keep.shape[1]] = keep
+    return BatchSize.of(kept[idx])
 
 
 def _select(p: Packed, idx: torch.Tensor) -> Packed:

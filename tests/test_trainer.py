@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from stablerl.algorithm import BatchSize
 from stablerl.config import load_config
 from stablerl.metrics import read_metrics
 from stablerl.trainer import train
@@ -140,3 +142,60 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     assert resumed == straight
     assert Path(tmp_path / "killed" / "checkpoints" / "step_000005").exists()
+
+
+# ---- guards and metrics that must say what they measure -------------------------------------------------------------
+
+
+def test_a_step_is_bad_when_every_mini_batch_it_tried_was_skipped(tmp_path):
+    # B = 2 prompts x G = 2, N = 4 mini-batches of one row. The reward makes every live row's gradient norm overflow
+    # (inf), and a group whose two rewards agree has Â = 0 (no update tried). A step with one live and one dead
+    # group skips 2 of its 4 mini-batches and tries no other: it is bad, and two such steps in a row abort the run.
+    from stablerl.errors import UserError
+
+    args = ["train.batch_prompts=2", "train.group_size=2", "train.n_minibatches=4", "train.max_bad_steps=2",
+            "task.reward=reward_fixtures:huge_on_odd_first_char", "train.steps=8", "train.save_every=0"]
+    with pytest.raises(UserError, match="aborting: 2 steps in a row had a NaN/Inf loss"):
+        _run(tmp_path, "bad", args)
+    rows = [r for r in read_metrics(tmp_path / "bad" / "metrics.jsonl") if "reward/mean" in r]
+    bad = [r for r in rows if r["guard/skipped_minibatches"] > 0]
+    # the abort comes at the second step that tried anything, and one of the two skipped only part of its N = 4
+    assert rows[-1]["step"] == bad[1]["step"] and len(bad) == 2
+    assert any(r["guard/skipped_minibatches"] < 4 for r in bad)
+
+
+def test_old_vs_current_routing_is_logged_only_when_measured(tmp_path):
+    # N = 1: the update reuses θ_old's own forward, so its routes agree with θ_old's by construction: not logged.
+    one = _run(tmp_path, "n1", ["train.steps=2"])
+    assert not any("route/old_vs_current/mean" in r for r in one)
+    two = [r for r in _run(tmp_path, "n2", ["train.steps=2", "train.n_minibatches=2"]) if "loss/policy" in r]
+    assert two and all(0 < r["route/old_vs_current/mean"] <= 1 for r in two)
+
+
+def test_minibatch_normalisation_counts_only_the_tokens_the_loss_sums_over():
+    # Mini-batch of 4 rows x 3 tokens; rows 1 and 3 are live (rows 0 and 2 have Â = 0). The moved policy drops row 1's
+    # token 1 (log π = -inf under top-p): the loss over the live rows, normalised with `minibatch_size`, must equal the
+    # loss over the whole mini-batch with that token masked, for the token-mean (cispo) and sequence-mean (grpo) losses.
+    from stablerl.algorithm import policy_loss
+    from stablerl.trainer import minibatch_size
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (4, 3)
+    idx, rows = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 3])
+    keep = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (2, 3) live rows' kept tokens
+    size = minibatch_size(mask, idx, rows, keep)
+    assert size == (4, 8, 4)  # 9 tokens less the dropped one, and row 1 has a token left
+    logp_old = -torch.rand(4, 3, generator=g) - 0.1
+    logp = (logp_old + 0.05 * torch.randn(4, 3, generator=g)).requires_grad_()
+    logp_infer = logp_old + 0.01 * torch.randn(4, 3, generator=g)
+    adv = torch.tensor([0.0, 1.5, 0.0, -0.5])
+    whole = mask.clone()
+    whole[1, 1] = False
+    for loss in ("cispo", "grpo"):
+        part = policy_loss(loss, logp[rows], logp_old[rows], logp_infer[rows], adv[rows], keep, batch=size)
+        full = policy_loss(loss, logp, logp_old, logp_infer, adv, whole)
+        torch.testing.assert_close(part.loss, full.loss, rtol=1e-6, atol=0)
+        # the normalisation the trainer used before counted the dropped token: a different loss
+        stale = policy_loss(loss, logp[rows], logp_old[rows], logp_infer[rows], adv[rows], keep,
+                            batch=BatchSize.of(mask[idx]))
+        assert loss == "grpo" or abs(float(stale.loss) - float(full.loss)) > 1e-4
