@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from stablerl.engine import NUMERICS, Engine
-from stablerl.model import get_model
+from stablerl.hf import get_model
 from stablerl.sampling import token_logprobs
 from stablerl.sequences import pack, response_logits
 

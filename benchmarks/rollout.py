@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from stablerl.engine import Engine
-from stablerl.model import get_model
+from stablerl.hf import get_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

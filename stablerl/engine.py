@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from stablerl.decode import NUMERICS, Cache, Experts, Fp8Linear, InferenceModel, quantize_e4m3
 from stablerl.errors import UserError
-from stablerl.model import Transformer, get_model
+from stablerl.hf import get_model
+from stablerl.model import Transformer
 from stablerl.sampling import sample
 
 __all__ = ["Engine", "Rollout", "NUMERICS", "Cache", "Experts", "Fp8Linear", "InferenceModel", "quantize_e4m3"]

@@ -21,8 +21,8 @@ from stablerl.config import Config, save_config, task_reward
 from stablerl.engine import Engine
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
+from stablerl.hf import get_model
 from stablerl.metrics import MetricsWriter
-from stablerl.model import get_model
 from stablerl.plots import plot_run_quietly
 from stablerl.sequences import Packed, pack, response_logp
 from stablerl.tasks import task_examples

@@ -24,7 +24,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from stablerl.errors import UserError, describe_os_error, one_line
+from stablerl.errors import UserError, one_line
+from stablerl.hf import read_json
 
 if TYPE_CHECKING:
     from stablerl.config import TaskConfig
@@ -148,7 +149,7 @@ class TextTokenizer:
             # BOS by hand, so the model was trained with it. Attach the built-in processor: same ids as before.
             tok.post_processor = char_tokenizer().post_processor
         cfg_path = directory / "tokenizer_config.json"
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path, missing_ok=True)
         special = {k: name for k in SPECIAL_KEYS if (name := _token_name(cfg.get(k))) is not None}
 
         def tid(key: str) -> int | None:
@@ -218,27 +219,9 @@ def compile_template(source: str, where: Path | None) -> jinja2.Template:
 # ---- reading the checkpoint's files ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object file of the checkpoint ({} when absent); UserError naming it when it is not valid JSON."""
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix it or re-save the "
-                        "checkpoint") from None
-    except OSError as e:
-        raise UserError(describe_os_error(e, "cannot read", path)) from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({one_line(e)}); restore or re-save the checkpoint") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def _ids(path: Path, key: str) -> list[int]:
     """`key` of a JSON file as a list of token ids (HF writes one id or a list)."""
-    v = _read_json(path).get(key)
+    v = read_json(path, missing_ok=True).get(key)
     ids = v if isinstance(v, list) else [] if v is None else [v]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise UserError(f"{path}: {key} must be a token id or a list of token ids, got {v!r}")

@@ -25,8 +25,8 @@ from stablerl.config import Config, check_replay, load_config, save_config, task
 from stablerl.engine import Engine, Rollout
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
+from stablerl.hf import get_model
 from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
-from stablerl.model import get_model
 from stablerl.plots import plot_run_quietly
 from stablerl.rewards import score
 from stablerl.sampling import logprobs_from_logits

@@ -14,7 +14,8 @@ from stablerl.config import EngineConfig
 from stablerl.decode import CastLinear
 from stablerl.engine import Engine, Experts, Fp8Linear, quantize_e4m3
 from stablerl.errors import UserError
-from stablerl.model import ModelConfig, build_model, get_model
+from stablerl.hf import get_model
+from stablerl.model import ModelConfig, build_model
 from stablerl.sampling import logprobs_from_logits, process_logits, sample, token_logprobs
 from stablerl.sequences import pack, response_logits
 

@@ -16,8 +16,8 @@ import torch
 
 from stablerl.checkpoint import CheckpointError, list_checkpoints, load_trainer_state
 from stablerl.config import load_config
+from stablerl.hf import get_model
 from stablerl.metrics import read_metrics
-from stablerl.model import get_model
 from stablerl.trainer import train
 
 TESTS = Path(__file__).parent

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from stablerl.model import PRESETS, build_model, get_model, load_model
+from stablerl.hf import get_model, load_model
+from stablerl.model import PRESETS, build_model
 
 transformers = pytest.importorskip("transformers")
 

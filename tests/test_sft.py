@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stablerl.errors import UserError
-from stablerl.model import get_model
+from stablerl.hf import get_model
 from stablerl.sequences import pack
 from stablerl.sft import parse_style, sft_backward
 

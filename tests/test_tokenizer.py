@@ -15,7 +15,8 @@ from stablerl.cli import main
 from stablerl.config import ConfigError, TaskConfig, load_config
 from stablerl.engine import Engine
 from stablerl.errors import UserError
-from stablerl.model import ModelConfig, build_model, get_model
+from stablerl.hf import get_model
+from stablerl.model import ModelConfig, build_model
 from stablerl.tokenizer import TextTokenizer, char_tokenizer, prompt_tokenizer
 
 transformers = pytest.importorskip("transformers")

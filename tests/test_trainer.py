@@ -70,7 +70,7 @@ def test_r3_with_fp32_engine_replays_the_trainers_own_routes(tmp_path):
 
     from stablerl.diagnostics import routing_agreement
     from stablerl.engine import Engine
-    from stablerl.model import get_model
+    from stablerl.hf import get_model
     from stablerl.sequences import pack
     from stablerl.trainer import full_routes, seq_token_mask
 

@@ -33,7 +33,7 @@ def add_arguments(p):
 def run(args) -> int:
     from stablerl.engine import Engine
     from stablerl.evaluate import evaluate
-    from stablerl.model import get_model
+    from stablerl.hf import get_model
     from stablerl.tasks import task_examples
     from stablerl.tokenizer import prompt_tokenizer
 

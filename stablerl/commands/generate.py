@@ -64,7 +64,7 @@ def run(args) -> int:
 
     from stablerl.config import TaskConfig
     from stablerl.engine import Engine
-    from stablerl.model import get_model
+    from stablerl.hf import get_model
     from stablerl.tokenizer import prompt_tokenizer
 
     path = Path(args.prompts)

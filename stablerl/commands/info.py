@@ -6,7 +6,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from stablerl.model import get_model
+from stablerl.hf import get_model
 
 
 def add_arguments(p):
