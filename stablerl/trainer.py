@@ -245,8 +245,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
                 writer.log(step + 1, m)  # the step's row, numbered like every other step's
                 writer.close()
                 plot_run_quietly(run_dir, console.print)  # the curves up to the abort are what a user looks at first
-                raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient "
-                                f"(last at step {step}); lower train.lr or check the data (metrics in {writer.path})")
+                raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient (last at step "
+                                f"{step + 1}); lower train.lr or check the data (metrics in {writer.path})")
             # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
             t0 = time.perf_counter()
             engine.sync(model)

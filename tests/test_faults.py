@@ -4,6 +4,7 @@ already written is lost."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -297,3 +298,12 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path):
     blocker.write_text("not a directory")
     r = _cli("train", f"out_dir={blocker}", "name=x", *TINY, "train.steps=1")
     _one_line_error(r, str(blocker), "Not a directory")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    cmd = [sys.executable, "-m", "stablerl", "train", f"out_dir={locked}", "name=x", *TINY, "train.steps=1"]
+    if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that let it
+        if shutil.which("capsh") is None:
+            pytest.skip("running as root without capsh: cannot provoke 'permission denied'")
+        cmd = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", " ".join(map(shlex.quote, cmd))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    _one_line_error(r, str(locked / "x"), "Permission denied", "check the file's permissions")

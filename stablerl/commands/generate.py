@@ -39,7 +39,8 @@ def add_arguments(p):
 def read_prompts(path: Path) -> list[tuple[int, str]]:
     """(line number, prompt) for each non-blank line; UserError naming FILE:LINE on the first bad one."""
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise UserError(f"{path}: {what}; expected a JSONL file of prompts")
     out = []
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
