@@ -10,8 +10,8 @@ stacked for grouped GEMMs, logits for the last slot only. tests/test_engine.py p
 Numerics (docs/engine.md): fp32 | bf16 | fp16 hold weights and activations in that dtype (norms and softmaxes
 in fp32, as the model does); fp8 = e4m3 weights per output channel and e4m3 activations per token for every
 Linear of the blocks and the experts, with bf16 activations between them (router, embeddings, norms and the LM
-head stay bf16). Attention accumulates in fp32 for every policy (K/V cached at their rounded values, P rounded
-before P·V), as FlashAttention-style kernels do.
+head stay bf16). Attention accumulates in fp32 for every policy (K/V cached in the activation dtype, widened to
+fp32 when read, P rounded before P·V), as FlashAttention-style kernels do. Routes come back in `route_dtype`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,23 @@ from stablerl.model import ModelConfig, Transformer
 
 NUMERICS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """The smallest integer dtype that holds the expert ids 0 … num_experts−1: uint8 up to 256 experts, int16 up to
+    32768, int32 beyond.
+
+    Routes (N, T, L, K) travel from the engine through the trainer in several copies (the rollout's response and
+    prompt routes, their full-sequence layout for R3, the trainer's own routes for R2): int64 spent 8 bytes on what
+    one byte holds (48 layers x top-8: 3 KiB per token instead of 384 B). Consumers widen them with `.long()`
+    where they index (stablerl.model's MoE does): a uint8 tensor used directly as an index is read as a boolean
+    mask. int16 rather than uint16: torch's uint16 lacks ops the engine uses (masked_fill).
+    """
+    if num_experts <= 2 ** 8:
+        return torch.uint8
+    if num_experts <= 2 ** 15:
+        return torch.int16
+    return torch.int32
 
 
 # ---- numerics: linear layers in the engine's own precision -----------------------------------------------------
@@ -188,10 +205,13 @@ class Experts(nn.Module):
 
 @dataclass
 class Cache:
-    """Static K/V for all layers in one tensor per side, rows left-padded so every row writes the same slot."""
+    """Static K/V for all layers in one tensor per side, rows left-padded so every row writes the same slot.
 
-    k: torch.Tensor  # (L, N, nkv, S, D)
-    v: torch.Tensor  # (L, N, nkv, S, D)
+    K/V are stored in the policy's activation dtype (`InferenceModel.cache_dtype`): they are rounded to it when
+    computed, so storing them there is exact, and bf16/fp16/fp8 caches take half the memory of fp32 ones."""
+
+    k: torch.Tensor  # (L, N, nkv, S, D) in cache_dtype
+    v: torch.Tensor  # (L, N, nkv, S, D) in cache_dtype
     valid: torch.Tensor  # (N, S) bool: slot holds a real token
 
     def rows(self, idx: torch.Tensor) -> Cache:
@@ -203,12 +223,17 @@ class InferenceModel(nn.Module):
 
     Differences are layout only: q/k/v in one GEMM, q-norm and k-norm as one norm over q and k heads, RoPE from
     tables, GQA by grouping query heads per KV head (no K/V copies), stacked experts, logits for the last slot only.
+
+    `cache_dtype` (default: the activation dtype) is the K/V cache's storage dtype; any dtype that holds the
+    activation dtype exactly (fp32) gives bitwise the same results, which tests/test_engine.py checks.
     """
 
-    def __init__(self, model: Transformer, numerics: str):
+    def __init__(self, model: Transformer, numerics: str, cache_dtype: torch.dtype | None = None):
         super().__init__()
         cfg: ModelConfig = model.config
         self.cfg, self.numerics, self.dtype = cfg, numerics, NUMERICS[numerics]
+        self.cache_dtype = self.dtype if cache_dtype is None else cache_dtype
+        self.route_dtype = route_dtype(cfg.num_experts)
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dt = self.dtype
         # same numerics either way; only which kernels compute them (see native_gemm, CastLinear)
@@ -272,11 +297,13 @@ class InferenceModel(nn.Module):
         cache.v[li, :, :, s0:S] = qkv[:, :, nh + nkv:].transpose(1, 2)
         # GQA without copying K/V: the rep query heads of KV head j (heads j*rep .. j*rep+rep-1) become rep query
         # rows of one (N*nkv)-batched matmul; explicit bmm beats SDPA's CPU kernels at decode sizes.
-        # Low-precision policies keep K/V at their rounded values in an fp32 cache, so scores accumulate and the
-        # softmax runs in fp32 and P is rounded before P·V: FlashAttention's numerics, on fast fp32 kernels.
+        # Low-precision policies cache K/V in their dtype and widen only this layer's S filled slots to fp32 here
+        # (exact), so scores accumulate and the softmax runs in fp32 and P is rounded before P·V: FlashAttention's
+        # numerics, on fast fp32 kernels (a bf16 bmm with fp32 output need not sum in the same order, so it would
+        # not be bitwise the same). fp32 caches are read as views, no copy.
         q = qk[:, :, :nh].reshape(N, T, nkv, rep, D).transpose(1, 2).reshape(N * nkv, T * rep, D).float()
-        k = cache.k[li, :, :, :S].reshape(N * nkv, S, D)  # views of the cache, no copy
-        v = cache.v[li, :, :, :S].reshape(N * nkv, S, D)
+        k = cache.k[li, :, :, :S].reshape(N * nkv, S, D).float()  # (N*nkv, S, D)
+        v = cache.v[li, :, :, :S].reshape(N * nkv, S, D).float()  # (N*nkv, S, D)
         p = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=D ** -0.5).softmax(-1)  # (N*nkv, T*rep, S)
         if self.dtype != torch.float32:
             p = p.to(self.dtype).float()
@@ -290,11 +317,14 @@ class InferenceModel(nn.Module):
         weights, idx = torch.topk(probs, lay["k"], dim=-1)  # (M, K)
         if lay["norm_topk"]:
             weights = weights / weights.sum(-1, keepdim=True)
-        return lay["experts"](flat, idx, weights.to(h.dtype)).view(N, T, H), idx.view(N, T, -1)
+        # routes leave in the compact dtype per layer and step, so no int64 buffer of all of them is ever built
+        routes = idx.view(N, T, -1).to(self.route_dtype)  # (N, T, K)
+        return lay["experts"](flat, idx, weights.to(h.dtype)).view(N, T, H), routes
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache, s0: int,
                 want_routes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids, pos (N, T) at slots s0..s0+T-1 -> fp32 logits of the last slot (N, V), routes (N, T, L, K)."""
+        """ids, pos (N, T) at slots s0..s0+T-1 -> fp32 logits of the last slot (N, V), routes (N, T, L, K) in
+        `route_dtype`."""
         N, T = ids.shape
         S = s0 + T  # the caller marks slots s0..S-1 in cache.valid (left padding is not valid)
         # Keys a query may see: causal, real tokens only; each slot also sees itself so the queries of left
@@ -325,6 +355,7 @@ class InferenceModel(nn.Module):
         return logits, (torch.stack(routes, dim=2) if want_routes and routes else None)
 
     def new_cache(self, n: int, slots: int, device) -> Cache:
-        shape = (len(self.layers), n, self.nkv, slots, self.hd)
-        return Cache(torch.zeros(shape, device=device), torch.zeros(shape, device=device),  # fp32, see attention
+        shape = (len(self.layers), n, self.nkv, slots, self.hd)  # (L, N, nkv, S, D)
+        kw = dict(dtype=self.cache_dtype, device=device)  # the activation dtype: see Cache, attention
+        return Cache(torch.zeros(shape, **kw), torch.zeros(shape, **kw),
                      torch.zeros(n, slots, dtype=torch.bool, device=device))

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from stablerl.decode import NUMERICS, Cache, Experts, Fp8Linear, InferenceModel, quantize_e4m3
+from stablerl.decode import NUMERICS, Cache, Experts, Fp8Linear, InferenceModel, quantize_e4m3, route_dtype
 from stablerl.errors import UserError
 from stablerl.hf import get_model
 from stablerl.model import Transformer
 from stablerl.sampling import sample
 
-__all__ = ["Engine", "Rollout", "NUMERICS", "Cache", "Experts", "Fp8Linear", "InferenceModel", "quantize_e4m3"]
+__all__ = ["Engine", "Rollout", "NUMERICS", "Cache", "Experts", "Fp8Linear", "InferenceModel", "quantize_e4m3",
+           "route_dtype"]
 
 STOP_CHECK_EVERY = 4  # decode steps between stop-string scans (the exact cut is found afterwards)
 
@@ -43,8 +44,9 @@ class Rollout:
     tokens: torch.Tensor  # (N, T) int64 response tokens, right-padded with the tokenizer's pad id
     mask: torch.Tensor  # (N, T) bool: real response tokens, including the EOS / stop-string token that ended it
     logp_infer: torch.Tensor  # (N, T) fp32 log μ of each token under the distribution sampled from; 0 on padding
-    routes_infer: torch.Tensor | None  # (N, T, L, K) int64 experts each response token ran through; 0 on padding
-    prompt_routes: list[torch.Tensor] | None  # N tensors (P_i, L, K): the prompt tokens' experts (R3 prefix)
+    # routes in route_dtype(num_experts) (uint8 up to 256 experts): widen with .long() before indexing
+    routes_infer: torch.Tensor | None  # (N, T, L, K) experts each response token ran through; 0 on padding
+    prompt_routes: list[torch.Tensor] | None  # N tensors (P_i, L, K), same dtype: the prompt tokens' experts (R3)
     finish_reason: list[str]  # "stop" (EOS or stop string) | "length" (max_new_tokens or the model context)
     texts: list[str]  # decoded responses, special tokens dropped, cut before a matched stop string
     numerics: str
@@ -176,7 +178,7 @@ class Engine:
         logp = torch.zeros(N, max_new, device=dev)  # (N, T)
         routes = None
         if want_routes:
-            routes = torch.zeros(N, max_new, *r.shape[2:], dtype=torch.long, device=dev)  # (N, T, L, K)
+            routes = torch.zeros(N, max_new, *r.shape[2:], dtype=m.route_dtype, device=dev)  # (N, T, L, K)
         length = torch.zeros(N, dtype=torch.long, device=dev)  # (N,) final response length (0 = running)
         reason = torch.zeros(N, dtype=torch.long, device=dev)  # (N,) 1 stop, 2 length
         rows = torch.arange(N, device=dev)  # batch row -> original row (rows leave the batch once finished)

@@ -12,7 +12,7 @@ from stablerl import decode
 from stablerl.cli import main
 from stablerl.config import EngineConfig
 from stablerl.decode import CastLinear
-from stablerl.engine import Engine, Experts, Fp8Linear, quantize_e4m3
+from stablerl.engine import Engine, Experts, Fp8Linear, quantize_e4m3, route_dtype
 from stablerl.errors import UserError
 from stablerl.hf import get_model
 from stablerl.model import ModelConfig, build_model
@@ -58,6 +58,7 @@ def test_fp32_engine_matches_teacher_forced_training_forward(moe, sampling):
     assert torch.equal(m, ro.mask[:, : m.shape[1]])
     assert (lp - ro.logp_infer[:, : m.shape[1]]).abs()[m].max() <= 1e-4
     assert torch.isfinite(ro.logp_infer[ro.mask]).all()  # every sampled token lies in the trainer's support
+    assert ro.routes_infer.dtype == torch.uint8 and {r.dtype for r in ro.prompt_routes} == {torch.uint8}  # 8 experts
     # routes: prompt tokens from prefill, response tokens (the last one too) from decode, all identical
     for i in range(len(ro.texts)):
         P, T = len(ro.prompt_ids[i]), int(ro.lengths[i])
@@ -90,6 +91,57 @@ def test_kv_cache_decode_equals_full_forward_with_left_padding(moe):
             p = s - pad
             logits, _ = m(ids[torch.arange(3), p][:, None], p[:, None], cache, s, False)
             assert (logits - full[torch.arange(3), p]).abs().max() < 1e-5
+
+
+def test_route_dtype_is_the_smallest_that_holds_the_expert_ids():
+    assert [route_dtype(e) for e in (0, 8, 256, 257, 2 ** 15, 2 ** 15 + 1)] == [
+        torch.uint8, torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
+    assert torch.iinfo(torch.uint8).max == 256 - 1 and torch.iinfo(torch.int16).max == 2 ** 15 - 1  # largest ids
+
+
+def test_routes_of_300_experts_are_int16_and_match_the_training_forward():
+    cfg = ModelConfig(hidden_size=32, head_dim=16, num_hidden_layers=1, num_experts=300, num_experts_per_tok=2,
+                      moe_intermediate_size=16)
+    model = build_model(cfg, seed=0).eval()
+    _, tok = get_model("tiny-moe")
+    eng = Engine(model, tok, numerics="fp32")
+    assert eng.model.route_dtype == route_dtype(300) == torch.int16
+    ro = eng.generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+    assert ro.routes_infer.dtype == torch.int16 and {r.dtype for r in ro.prompt_routes} == {torch.int16}
+    _, _, out = teacher_forced(model, ro)
+    full = torch.cat([torch.cat([ro.prompt_routes[i], ro.routes_infer[i, :int(ro.lengths[i])]]) for i in range(8)])
+    assert 0 <= int(full.min()) and int(full.max()) < 300 and int(full.max()) > 255  # ids past uint8's range
+    for i in range(8):  # no wrap-around anywhere: the same experts as the fp32 training forward
+        P, T = len(ro.prompt_ids[i]), int(ro.lengths[i])
+        assert torch.equal(ro.prompt_routes[i].long(), out.routes[i, :P])
+        assert torch.equal(ro.routes_infer[i, :T].long(), out.routes[i, P:P + T])
+        assert (ro.routes_infer[i, T:] == 0).all()
+
+
+@pytest.mark.parametrize("numerics, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                             ("fp16", torch.float16), ("fp8", torch.bfloat16)])
+def test_kv_cache_is_stored_in_the_activation_dtype(moe, numerics, dtype):
+    model, tok = moe
+    m = Engine(model, tok, numerics=numerics).model
+    cache = m.new_cache(3, 10, "cpu")
+    assert m.cache_dtype == cache.k.dtype == cache.v.dtype == dtype
+    # per token: L * kv_heads * D values for K and as many for V: 4 * 2 * 32 * 2 = 512 values
+    assert cache.k.nbytes + cache.v.nbytes == 3 * 10 * 512 * dtype.itemsize
+
+
+@pytest.mark.parametrize("numerics", ["bf16", "fp16", "fp8"])
+def test_low_precision_kv_cache_changes_no_bit_of_the_rollout(moe, numerics):
+    """K/V are rounded to the activation dtype before they are cached, so an fp32 cache of the same values (the
+    cache before it moved to the activation dtype) must give bitwise the same samples, log-probs and routes."""
+    model, tok = moe
+    eng, ref = Engine(model, tok, numerics=numerics), Engine(model, tok, numerics=numerics)
+    ref.model = decode.InferenceModel(model, numerics, cache_dtype=torch.float32)
+    kw = dict(n=4, max_new_tokens=40, seed=5)  # long enough that finished rows leave the batch (Cache.rows)
+    a, b = eng.generate(PROMPTS, **kw), ref.generate(PROMPTS, **kw)
+    assert eng.model.new_cache(1, 1, "cpu").k.dtype != ref.model.new_cache(1, 1, "cpu").k.dtype
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp_infer, b.logp_infer)
+    assert torch.equal(a.routes_infer, b.routes_infer) and a.routes_infer.dtype == b.routes_infer.dtype
+    assert all(torch.equal(x, y) for x, y in zip(a.prompt_routes, b.prompt_routes))
 
 
 def test_temperature_zero_is_greedy_argmax_of_the_full_forward(moe):
