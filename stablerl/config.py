@@ -61,7 +61,10 @@ class TrainConfig:
     batch_prompts: int = 32  # B; at 16 the default cold start's greedy accuracy did not move in 150 steps (docs/log.md)
     group_size: int = 8  # G
     n_minibatches: int = 1  # N; 1 = on-policy
-    dtype: Literal["fp32", "bf16"] = "fp32"  # training-engine precision
+    dtype: Literal["fp32", "bf16"] = "fp32"  # training forward: bf16 = autocast, weights and Adam state stay fp32
+    micro_batch_size: int = 0  # rows per forward/backward inside each E8 mini-batch, gradients accumulated (0 = all)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (RL and SFT): less memory
+    logit_chunk: int = 0  # response tokens per LM-head chunk, RL and SFT (0 = ~64 MiB of fp32 logits): flat in V
     lr: float = 8e-5  # peak; 1e-4 at a constant rate broke the 2026-11-25 cold start at B=16 (docs/log.md)
     warmup_steps: int = 10  # linear warmup: Adam's first steps move every weight by ~lr
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # after warmup; cosine ends at 10% of lr
@@ -93,7 +96,8 @@ class SFTConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast, fp32 master weights
+    micro_batch_size: int = 0  # rows per forward/backward of a step, gradients accumulated (0 = all)
     eval_every: int = 60  # held-out greedy accuracy on eval_problems every k steps (0 = only at the end)
     eval_problems: int = 256  # the first k held-out problems, for the learning curve (the end uses all n_heldout)
 
@@ -124,6 +128,7 @@ class Config:
     out_dir: str = "runs"
     seed: int = 0
     model: str = "tiny-moe"  # preset name, checkpoint directory or hub id
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available; model, engine, trainer, SFT, eval
     init: str | None = None  # RL: start from this checkpoint (e.g. the cold-start SFT output) instead of `model`
     engine: EngineConfig = field(default_factory=EngineConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -315,6 +320,11 @@ def validate(cfg: Config) -> None:
                    ("sft.batch_size", cfg.sft.batch_size), ("sft.eval_problems", cfg.sft.eval_problems)):
         if v < 1:
             raise ConfigError(f"{key}: got {v}, expected >= 1")
+    for key, v, zero in (("train.micro_batch_size", t.micro_batch_size, "all rows at once"),
+                         ("sft.micro_batch_size", cfg.sft.micro_batch_size, "all rows at once"),
+                         ("train.logit_chunk", t.logit_chunk, "~64 MiB of logits")):
+        if v < 0:
+            raise ConfigError(f"{key}: got {v}, expected >= 0 (0 = {zero})")
     for key, v in (("train.eval_every", t.eval_every), ("train.fidelity_every", t.fidelity_every),
                    ("train.save_every", t.save_every), ("sft.eval_every", cfg.sft.eval_every)):
         if v < 0:

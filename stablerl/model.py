@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stablerl.errors import UserError
+
 ARCHS = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -243,6 +245,15 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def forward(self, x, cos, sin, routes=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, T, H) -> (N, T, H) and, for a MoE layer, the experts used (N, T, K)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return x + self.mlp(h), None
+        h, used = self.mlp(h, routes)
+        return x + h, used
+
 
 class Backbone(nn.Module):
     """HF's `model.` prefix: embeddings, layers, final norm."""
@@ -256,8 +267,9 @@ class Backbone(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (N, T, V) fp32
-    routes: torch.Tensor | None  # (N, T, L, K) int64 experts used per MoE layer; None for dense models
+    logits: torch.Tensor | None  # (N, T, V) fp32; None when the forward was asked for hidden states only
+    routes: torch.Tensor | None  # (N, T, L, K) int64 experts used per MoE layer (compact copies: decode.route_dtype)
+    hidden: torch.Tensor | None = None  # (N, T, H) final-normed hidden states (the LM head's input), when asked
 
 
 class Transformer(nn.Module):
@@ -274,10 +286,14 @@ class Transformer(nn.Module):
     def is_moe(self) -> bool:
         return bool(self.config.moe_layers)
 
-    def forward(self, ids: torch.Tensor, routes: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, ids: torch.Tensor, routes: torch.Tensor | None = None, logits: bool = True,
+                checkpoint: bool = False) -> ModelOutput:
         """ids (N, T): causal attention over right-padded rows at positions 0..T-1 (the training layout; the
         inference engine's KV-cache decode lives in stablerl/decode.py).
         routes (N, T, L, K): replay these experts (E7) instead of the router's top-k.
+        logits=False: return the final hidden states instead of (N, T, V) logits, for callers that apply the LM head
+        only where they need it, in chunks (stablerl.sequences.policy_logprobs: memory flat in V).
+        checkpoint: recompute each decoder layer in the backward pass instead of keeping its activations.
         """
         N, T = ids.shape
         x = self.model.embed_tokens(ids)  # (N, T, H)
@@ -286,17 +302,20 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         used, li = [], 0
         for block in self.model.layers:
-            x = x + block.self_attn(block.input_layernorm(x), cos, sin)
-            h = block.post_attention_layernorm(x)
+            r = None if routes is None or not block.is_moe else routes[:, :, li]
+            if checkpoint and torch.is_grad_enabled():
+                # routing is a deterministic function of x, so the recomputation runs the experts this forward ran
+                x, r = torch.utils.checkpoint.checkpoint(block, x, cos, sin, r, use_reentrant=False)
+            else:
+                x, r = block(x, cos, sin, r)
             if block.is_moe:
-                h, r = block.mlp(h, None if routes is None else routes[:, :, li])
                 used.append(r)
                 li += 1
-            else:
-                h = block.mlp(h)
-            x = x + h
-        logits = self.lm_head(self.model.norm(x)).float()  # (N, T, V)
-        return ModelOutput(logits, torch.stack(used, dim=2) if used else None)
+        h = self.model.norm(x)  # (N, T, H)
+        routes_used = torch.stack(used, dim=2) if used else None  # (N, T, L, K)
+        if not logits:
+            return ModelOutput(None, routes_used, h)
+        return ModelOutput(self.lm_head(h).float(), routes_used)  # (N, T, V)
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count; `active=True` counts only the K of E experts a token runs through."""
@@ -327,3 +346,13 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda` or `auto` (cuda when available) -> torch.device; asking for CUDA without it is a UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda asked for, but torch sees no CUDA device (torch.cuda.is_available() is false); "
+                        "use device=cpu or device=auto, or install a CUDA build of torch")
+    return torch.device(name)

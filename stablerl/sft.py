@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,12 +25,11 @@ from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.hf import get_model
 from stablerl.metrics import MetricsWriter
+from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
-from stablerl.sequences import Packed, pack, response_logp
+from stablerl.sequences import Packed, pack, policy_logprobs, select
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,25 @@ def parse_style(spec: str) -> dict[str, float]:
     return {k: v / total for k, v in mix.items()}
 
 
-def sft_backward(model, batches: list[Packed]) -> torch.Tensor:
+def sft_backward(model, batches: list[Packed], micro_size: int = 0, autocast=nullcontext, chunk: int = 0,
+                 checkpoint: bool = False) -> torch.Tensor:
     """Token-mean cross-entropy on the response tokens of all `batches` together; accumulates its gradient.
 
-    One padded batch per trace style, so a mixture's short traces are not padded to the long ones' length: the
-    sum over sub-batches divided by the step's token count is the loss of one batch holding every row."""
+    One padded batch per trace style, so a mixture's short traces are not padded to the long ones' length, each run
+    `micro_size` rows at a time (0 = all): the sum of the parts divided by the step's token count is the loss of one
+    batch holding every row, and so is the accumulated gradient. Log-probs come from the chunked LM head
+    (`policy_logprobs`): no (n, T, V) logits."""
     n_tok = sum(int(b.mask.sum()) for b in batches)
     loss = torch.zeros(())
     for batch in batches:
-        logp = response_logp(model(batch.ids).logits, batch)  # (n, T)
-        part = -(logp.sum() / n_tok)
-        part.backward()
-        loss += part.detach()
+        n = batch.ids.shape[0]
+        for rows in torch.arange(n).split(micro_size or n):
+            sub = select(batch, rows)
+            with autocast():
+                logp = policy_logprobs(model, sub, chunk=chunk, checkpoint=checkpoint).logp  # (n, T)
+            part = -(logp.sum() / n_tok)
+            part.backward()
+            loss += part.detach().cpu()
     return loss
 
 
@@ -107,7 +115,9 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
         raise UserError(f"task: training example {empty[0]} has an empty prompt (no tokens, and the tokenizer adds "
                         f"no BOS); {len(empty)} such examples in all: give every example a prompt")
     responses = {k: [tok.encode(e.traces[k]) + [tok.eos_id] for e in examples] for k in styles}
-    model.to(DTYPES[cfg.sft.dtype]).train()
+    device = resolve_device(cfg.device)
+    model.to(device).train()  # fp32 master weights and optimizer state; sft.dtype=bf16 autocasts the forward
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.sft.dtype == "bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     heldout = task_examples(cfg.task, "heldout")
@@ -115,7 +125,7 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
 
     def held_out(problems, step: int):
         """Greedy accuracy of the fp32 model itself (an engine copy: training is unaffected), logged at `step`."""
-        res = evaluate(Engine(model.float(), tok, numerics="fp32"), problems, cfg.engine.max_new_tokens,
+        res = evaluate(Engine(model, tok, numerics="fp32"), problems, cfg.engine.max_new_tokens,
                        reward=task_reward(cfg.task), timeout=cfg.task.reward_timeout, seed=cfg.seed)
         writer.log(step, {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length})
         return res
@@ -134,11 +144,13 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
             batches = [pack([prompts[i] for i, k in zip(idx, pick) if k == j],
                             [responses[style][i] for i, k in zip(idx, pick) if k == j], tok.pad_id)
                        for j, style in enumerate(styles) if j in pick]
+            batches = [b.to(device) for b in batches]
             lr = lr_at(step, s.lr, s.warmup_steps, s.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss = sft_backward(model, batches)
+            loss = sft_backward(model, batches, s.micro_batch_size, autocast, cfg.train.logit_chunk,
+                                cfg.train.activation_checkpointing)
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
             opt.step()
             tokens += sum(int(b.ids.ne(tok.pad_id).sum()) for b in batches)
@@ -149,10 +161,10 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
             if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
                 # the SFT curve is steep where it crosses over (docs/log.md): the curve says where a run sits on it
                 res = held_out(heldout[: s.eval_problems], step + 1)
-                model.to(DTYPES[s.dtype]).train()
+                model.train()
                 curve = f"  eval {res.accuracy:.1%}"
             progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s{curve}")
-    model.float().eval()
+    model.eval()
     ckpt = run_dir / "model"
     model.save(ckpt, tokenizer=tok)
     res = held_out(heldout, s.steps)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,19 +21,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stablerl import diagnostics as diag
-from stablerl.algorithm import BatchSize, group_advantages, policy_loss
+from stablerl.algorithm import BatchSize, group_advantages, policy_loss, skips_zero_adv
 from stablerl.checkpoint import RunLock, check_resume_config, list_checkpoints, load_trainer_state, save_checkpoint
 from stablerl.config import Config, check_replay, load_config, save_config, task_reward
-from stablerl.engine import Engine, Rollout
+from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.hf import get_model
 from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
+from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
 from stablerl.rewards import score
-from stablerl.sampling import logprobs_from_logits
-from stablerl.sequences import Packed, pack, response_logits, response_logp
-from stablerl.sft import DTYPES, lr_at
+from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, select
+from stablerl.sft import lr_at
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
 
@@ -58,19 +60,20 @@ def full_routes(ro: Rollout, packed: Packed) -> torch.Tensor | None:
         return None
     N, S = packed.ids.shape
     L, K = ro.routes_infer.shape[2:]
-    out = torch.zeros(N, S, L, K, dtype=torch.long)  # padding rows keep expert 0: their outputs are never read
+    # (N, S, L, K) in the engine's compact route dtype; padding keeps expert 0: its outputs are never read
+    out = torch.zeros(N, S, L, K, dtype=ro.routes_infer.dtype)
     for i in range(N):
         p, t = int(packed.prompt_lens[i]), int(packed.resp_lens[i])
         out[i, :p] = ro.prompt_routes[i]
         out[i, p : p + t] = ro.routes_infer[i, :t]
-    return out
+    return out.to(packed.ids.device)
 
 
 def seq_token_mask(packed: Packed) -> torch.Tensor:
     """(N, S) True on real (prompt or response) tokens of the packed batch."""
     S = packed.ids.shape[1]
     lengths = packed.prompt_lens + packed.resp_lens
-    return torch.arange(S)[None] < lengths[:, None]
+    return torch.arange(S, device=lengths.device)[None] < lengths[:, None]
 
 
 def train(cfg: Config, resume: bool = False, show_progress: bool = True, console: Console | None = None) -> TrainResult:
@@ -91,7 +94,9 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
     start = state.get("step", 0)
     check_replay(cfg, model.is_moe)
     save_config(cfg, run_dir / "config.yaml")  # before step 0: the run directory always says how it was made
-    model.to(DTYPES[t.dtype]).train()
+    device = resolve_device(cfg.device)
+    model.to(device).train()  # fp32 master weights and optimizer state; train.dtype=bf16 autocasts the forward
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
     decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -100,7 +105,6 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
         opt.load_state_dict(state["optimizer"])
         console.print(f"resuming {run_dir} from {ckpt.name}")
     engine = Engine(model, tok, numerics=e.numerics)  # its own copy of the weights, cast to its numerics
-    evaluator = Engine(model, tok, numerics="fp32")  # held-out accuracy of the policy itself, not of its bf16 copy
     examples = task_examples(cfg.task, "train")
     reward_fn = task_reward(cfg.task)
     heldout = task_examples(cfg.task, "heldout")
@@ -115,13 +119,15 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
     hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
               is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
     sampling = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
+    lp_args = dict(**sampling, chunk=t.logit_chunk, checkpoint=t.activation_checkpointing)
+    truncated = e.top_p < 1 or e.top_k > 0
     bad_in_row = state.get("bad_in_row", 0)
     t_start = time.perf_counter()
 
     def run_eval(step: int) -> dict[str, float]:
-        evaluator.sync(model)
-        res = evaluate(evaluator, heldout, e.max_new_tokens, reward=reward_fn, timeout=cfg.task.reward_timeout,
-                       seed=cfg.seed, n_samples=t.samples_per_eval)
+        # held-out accuracy of the policy itself (fp32), not of the sampler's copy; built per eval, not kept
+        res = evaluate(Engine(model, tok, numerics="fp32"), heldout, e.max_new_tokens, reward=reward_fn,
+                       timeout=cfg.task.reward_timeout, seed=cfg.seed, n_samples=t.samples_per_eval)
         with samples_path.open("a") as f:
             for s in res.samples:
                 f.write(json.dumps({"step": step, **s}) + "\n")
@@ -157,31 +163,30 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
             m |= {"reward/errors": scored.n_errors, "reward/timeouts": scored.n_timeouts}
             # ---- θ_old: logp_old and its routes from the training engine (E3, E7) -------------------------
             t0 = time.perf_counter()
-            packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)], tok.pad_id)
-            logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)  # (N, T) log μ_θold
-            routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K)
-            # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the batches (rows, order,
-            # padding) the updates will see, so the first update (which at N = 1 reuses that very forward) has r == 1.
+            packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)],
+                          tok.pad_id).to(device)
+            logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].to(device).masked_fill(~packed.mask, 0.0)  # (N, T)
+            routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K) the engine's experts
+            adv = adv.to(device)
+            # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the micro-batches (rows, order,
+            # padding) the updates will see, so at N = 1 the update's forward repeats θ_old's bitwise (r == 1).
             order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
-            # Rows with Â = 0 (groups whose rewards all agree: 30-75% on the default task) have no gradient under any
-            # registered loss: the updates leave them out (LossHP.batch keeps the whole mini-batch's normalisation)
-            # and θ_old scores them in one forward of their own, for the diagnostics only.
-            live = [idx[adv[idx] != 0] for idx in order]  # N_mb x (n_j,)
-            dead = torch.cat([idx[adv[idx] == 0] for idx in order])  # (N - Σ n_j,)
-            replay_old = routes_infer if a.replay == "R3" else None
-            # N = 1: the one update runs at θ_old itself, so θ_old's forward of its rows is kept with its graph and the
-            # update reuses it instead of repeating it (one forward less per step; r == 1 by construction).
-            logp_old, lp_full_old, routes_old, graph = _old_policy(model, packed, [*live, dead], replay_old, sampling,
-                                                                   keep_graph=N == 1)
+            batches, rest = minibatches(order, adv.cpu(), skips_zero_adv(a.loss), t.micro_batch_size)
+            # rows the updates leave out (Â = 0) are scored too, for the diagnostics, in forwards of their own
+            rest_micro = [r for r in rest.split(t.micro_batch_size or len(rest) or 1) if len(r)]
+            micro = [r for mb in batches for r in mb.micro] + rest_micro
+            with torch.no_grad(), autocast():
+                old = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args)
             # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
             # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
-            outside = packed.mask & ~torch.isfinite(logp_old)  # (N, T)
+            outside = packed.mask & ~torch.isfinite(old.logp)  # (N, T)
             packed = replace(packed, mask=packed.mask & ~outside)
             mask = packed.mask  # (N, T)
-            logp_old = logp_old.masked_fill(~mask, 0.0)
+            logp_old = old.logp.masked_fill(~mask, 0.0)  # (N, T) log π_θold
+            routes_old = old.routes  # (N, S, L, K)
             timing["time/old_logprobs"] = time.perf_counter() - t0
             m["guard/outside_support_frac"] = float(outside.sum()) / max(1, int(ro.mask.sum()))
-            m |= diag.entropy(lp_full_old, mask)
+            m["entropy/mean"] = old.entropy_sum / max(1, int(packed.mask.sum() + outside.sum()))
             m |= diag.train_inference_kl(logp_old, logp_infer, mask)
             tok_mask = seq_token_mask(packed)
             if a.replay != "R3":
@@ -196,46 +201,23 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
             replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
             mb_stats: list[dict] = []
             attempted = skipped = 0  # mini-batches with rows to update / of those, the ones a guard stopped
-            for j, (idx, rows) in enumerate(zip(order, live)):
-                if rows.numel() == 0:
+            measure_old = routes_old if a.replay == "none" else None  # replayed routes agree by construction
+            update = Update(model, packed, logp_old, logp_infer, adv, replay, measure_old, tok_mask, a.loss, hp,
+                            lp_args, truncated, autocast)
+            for j, mb in enumerate(batches):
+                if not mb.micro:
                     continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
                 attempted += 1
-                mb = _select(packed, rows)
-                S, T = mb.ids.shape[1], mb.mask.shape[1]  # trimmed to these rows' longest sequence / response
-                reused = graph is not None
-                if reused:  # N = 1: θ_old's own forward of these rows (R2 would replay its own routes)
-                    (logp, cur_routes), graph = graph, None
-                    logp = logp.masked_fill(~mb.mask, 0.0)  # (n, T) padding and tokens outside the support: zeroed
-                else:
-                    cur = model(mb.ids, routes=None if replay is None else replay[rows, :S])
-                    logp = response_logp(cur.logits, mb, **sampling)  # (n, T) log π_θ, support rule of logp_old
-                    cur_routes = cur.routes
-                # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it
-                keep = mb.mask & torch.isfinite(logp.detach())  # (n, T)
-                if not keep.any():
-                    skipped += 1  # nothing left to learn from: as bad as a NaN (non-finite weights end up here)
-                    continue
-                out = policy_loss(a.loss, logp, logp_old[rows, :T], logp_infer[rows, :T], adv[rows], keep,
-                                  batch=minibatch_size(mask, idx, rows, keep), **hp)
-                if probe and j == N - 1:
-                    # E9 on the last (most stale) mini-batch, at the weights its update sees: w = π_θ/μ_θold
-                    # holds exactly the discrepancy and staleness this gradient is computed under. Rows with Â = 0
-                    # add nothing to either gradient, so the live rows give the whole mini-batch's cosine.
-                    m |= diag.fidelity(logp, logp_infer[rows, :T], adv[rows], keep, list(model.parameters()),
-                                       retain_graph=True)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                st, fid = update.run(mb, stale=j > 0, probe=probe and j == N - 1)
+                m |= fid
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                if not (torch.isfinite(out.loss) and torch.isfinite(gnorm)):
-                    skipped += 1  # guard: a NaN/Inf step never reaches the weights
+                if st is None or not (math.isfinite(st["loss/policy"]) and torch.isfinite(gnorm)):
+                    skipped += 1  # guard: a NaN/Inf step (or one with nothing left to learn from) never moves weights
                     opt.zero_grad(set_to_none=True)
                     continue
                 opt.step()
-                st = {**out.stats, "loss/policy": float(out.loss.detach()), "grad/norm": float(gnorm)}
-                if a.replay == "none" and cur_routes is not None and not reused:  # reused: agreement 1 by construction
-                    st |= diag.routing_agreement(routes_old[rows, :S], cur_routes, tok_mask[rows, :S],
-                                                "route/old_vs_current")
-                mb_stats.append(st)
+                opt.zero_grad(set_to_none=True)
+                mb_stats.append(st | {"grad/norm": float(gnorm)})
             timing["time/updates"] = time.perf_counter() - t0
             m |= _mean_dicts(mb_stats)
             m["guard/skipped_minibatches"] = skipped
@@ -285,51 +267,153 @@ def resume_point(run_dir: Path, console: Console) -> tuple[Path, object, object,
     return None
 
 
-def _old_policy(model, packed: Packed, batches: list[torch.Tensor], replay: torch.Tensor | None, sampling: dict,
-                keep_graph: bool = False):
-    """θ_old forward per batch of row indices (together a partition of the rows) -> logp_old (N, T), full log-probs
-    (N, T, V), routes (N, S, L, K) or None, and `graph`: with keep_graph, the first batch's forward is run with grad
-    and returned as (logp (n, t) with grad, its routes) for an update at these same weights to reuse; else None."""
+@dataclass(frozen=True)
+class MiniBatch:
+    """One E8 mini-batch: all its rows (they set the loss's normalisation) and the micro-batches that are run."""
+
+    idx: torch.Tensor  # (n_mb,) every row of the mini-batch
+    micro: list[torch.Tensor]  # row sets, one forward + backward each; rows with Â = 0 left out when the loss allows
+
+
+def minibatches(order: torch.Tensor, adv: torch.Tensor, skip_zero_adv: bool,
+                micro_size: int) -> tuple[list[MiniBatch], torch.Tensor]:
+    """The E8 mini-batches of `order` (N_mb, n_mb), each split into micro-batches of `micro_size` rows (0 = one), and
+    the rows no update runs. Rows with Â = 0 (groups whose rewards all agree: 30-75% on the default task) have no
+    gradient under a loss that declares so (`algorithm.skips_zero_adv`): they are left out, and the normalisation
+    still counts them (MiniBatch.idx)."""
+    out, rest = [], []
+    for idx in order:
+        run = adv[idx] != 0 if skip_zero_adv else torch.ones_like(idx, dtype=torch.bool)  # (n_mb,)
+        rows = idx[run]
+        rest.append(idx[~run])
+        out.append(MiniBatch(idx, list(rows.split(micro_size or max(1, len(rows)))) if len(rows) else []))
+    return out, torch.cat(rest)
+
+
+def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.Tensor | None,
+               lp_args: dict) -> PolicyLogProbs:
+    """θ_old (no grad) over micro-batches of rows (together a partition of the rows) -> logp_old (N, T), the routes
+    (N, S, L, K) or None, and the summed entropy of the sampling distribution over response tokens."""
     N, T = packed.mask.shape
-    logp_old = torch.zeros(N, T)  # (N, T)
-    lp_full = torch.zeros(N, T, model.config.vocab_size)  # (N, T, V)
-    routes, graph = None, None
-    for i, idx in enumerate(batches):
-        if idx.numel() == 0:
-            continue
-        mb = _select(packed, idx)
-        S, t = mb.ids.shape[1], mb.mask.shape[1]
-        with torch.set_grad_enabled(keep_graph and i == 0):
-            out = model(mb.ids, routes=None if replay is None else replay[idx, :S])
-            lp = logprobs_from_logits(response_logits(out.logits, mb), **sampling)  # (n, t, V)
-            logp = lp.gather(-1, mb.targets[..., None]).squeeze(-1)  # (n, t)
-        if logp.requires_grad:
-            graph = (logp, out.routes)  # the update masks it, as response_logp would
-        lp_full[idx, :t] = lp.detach()
-        logp_old[idx, :t] = logp.detach()
+    logp = torch.zeros(N, T, device=packed.ids.device)  # (N, T)
+    routes, ent = None, 0.0
+    for idx in micro:
+        mb = select(packed, idx)
+        S = mb.ids.shape[1]
+        out = policy_logprobs(model, mb, None if replay is None else replay[idx, :S], entropy=True, **lp_args)
+        logp[idx, : mb.mask.shape[1]] = out.logp
+        ent += out.entropy_sum
         if out.routes is not None:
-            if routes is None:
-                routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=torch.long)
-            routes[idx, :S] = out.routes
-    return logp_old, lp_full, routes, graph
+            if routes is None:  # (N, S, L, K) in the engine's compact route dtype
+                dt = route_dtype(model.config.num_experts)
+                routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=dt, device=logp.device)
+            routes[idx, :S] = out.routes.to(routes.dtype)
+    return PolicyLogProbs(logp, routes, ent)
 
 
-def minibatch_size(mask: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> BatchSize:
+@dataclass(frozen=True)
+class Update:
+    """E8 mini-batch updates of one step: the E5/E6 loss over a mini-batch's micro-batches with gradients accumulated
+    (exact: each micro-batch is normalised by the whole mini-batch's sizes), plus the E9 probe. The caller clips the
+    gradient and steps the optimizer."""
+
+    model: torch.nn.Module
+    packed: Packed
+    logp_old: torch.Tensor  # (N, T)
+    logp_infer: torch.Tensor  # (N, T)
+    adv: torch.Tensor  # (N,)
+    replay: torch.Tensor | None  # (N, S, L, K) experts to run (E7); None = the router's own choice
+    routes_old: torch.Tensor | None  # (N, S, L, K) θ_old's experts, to measure old-vs-current routing (no replay)
+    tok_mask: torch.Tensor  # (N, S)
+    loss: str
+    hp: dict  # LossHP fields
+    lp_args: dict  # policy_logprobs' sampling, chunk and checkpoint arguments
+    truncated: bool  # top-p/top-k sampling: a moved policy may drop a sampled token from its support
+    autocast: Callable  # () -> the context the forward runs in (bf16 autocast or nothing)
+
+    def run(self, mb: MiniBatch, stale: bool, probe: bool) -> tuple[dict | None, dict]:
+        """(stats, E9 stats) after the backward passes; stats None when no token was left to learn from."""
+        # The loss divides by the mini-batch's token counts. They are mask's, unless the moved policy (a later
+        # mini-batch, with truncation) dropped tokens: then they must be known before the first backward.
+        size = BatchSize.of(self.packed.mask[mb.idx])
+        may_drop = stale and self.truncated
+        if may_drop and len(mb.micro) > 1:
+            size = minibatch_size(self.packed.mask, mb.idx, mb.micro, self._supported(mb))
+        stats, fid = [], {}
+        for k, rows in enumerate(mb.micro):
+            sub = select(self.packed, rows)
+            S, T = sub.ids.shape[1], sub.mask.shape[1]  # trimmed to these rows' longest sequence / response
+            with self.autocast():
+                cur = policy_logprobs(self.model, sub, self._replay(rows, S), **self.lp_args)
+            logp = cur.logp  # (n, T) log π_θ under the support rule of logp_old
+            # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it. Without
+            # truncation every log π is finite, and a NaN must reach the loss (and the NaN guard), not be dropped.
+            keep = sub.mask & torch.isfinite(logp.detach()) if may_drop else sub.mask  # (n, T)
+            if may_drop and len(mb.micro) == 1:
+                size = minibatch_size(self.packed.mask, mb.idx, [rows], [keep])
+            if not keep.any():
+                continue
+            out = policy_loss(self.loss, logp, self.logp_old[rows, :T], self.logp_infer[rows, :T], self.adv[rows],
+                              keep, batch=size, **self.hp)
+            if probe and k == 0:
+                # E9 on the most stale mini-batch (its first micro-batch), at the weights its update sees: w = π/μ_old
+                # holds exactly the discrepancy and staleness this gradient is computed under. Rows with Â = 0 add
+                # nothing to either gradient, so the live rows give the cosine of the rows they belong to.
+                fid = diag.fidelity(logp, self.logp_infer[rows, :T], self.adv[rows], keep,
+                                    list(self.model.parameters()), retain_graph=True)
+            out.loss.backward()
+            st = {**out.stats, "loss/policy": float(out.loss.detach())}
+            if stale and self.routes_old is not None and cur.routes is not None:  # at θ_old itself: 1 by construction
+                st |= diag.routing_agreement(self.routes_old[rows, :S], cur.routes, self.tok_mask[rows, :S],
+                                             "route/old_vs_current")
+            stats.append(st)
+        return (_merge_micro(stats) if stats else None), fid
+
+    def _replay(self, rows: torch.Tensor, S: int) -> torch.Tensor | None:
+        return None if self.replay is None else self.replay[rows, :S]
+
+    def _supported(self, mb: MiniBatch) -> list[torch.Tensor]:
+        """The tokens of each micro-batch that the current policy still supports: a no-grad look ahead, needed only
+        for a stale mini-batch with truncated sampling split into several micro-batches."""
+        out = []
+        with torch.no_grad(), self.autocast():
+            for rows in mb.micro:
+                sub = select(self.packed, rows)
+                lp = policy_logprobs(self.model, sub, self._replay(rows, sub.ids.shape[1]), **self.lp_args).logp
+                out.append(sub.mask & torch.isfinite(lp))
+        return out
+
+
+def minibatch_size(mask: torch.Tensor, idx: torch.Tensor, micro: list[torch.Tensor],
+                   keeps: list[torch.Tensor]) -> BatchSize:
     """E5/E6 normalisation sizes of mini-batch `idx` (N_mb,): all its rows (those with Â = 0 too), counting only the
-    tokens the loss sums over. `mask` (N, T) holds every row's tokens; `keep` (n, t) those of the live `rows` (n,)
-    that the moved policy still supports (with top-p/top-k it may drop a sampled token)."""
+    tokens the loss sums over. `mask` (N, T) holds every row's tokens; `keeps[k]` (n_k, t_k) those of the rows
+    `micro[k]` that the moved policy still supports (with top-p/top-k it may drop a sampled token)."""
     kept = mask.clone()  # (N, T)
-    kept[rows] = False
-    kept[rows, : keep.shape[1]] = keep
+    for rows, keep in zip(micro, keeps):
+        kept[rows] = False
+        kept[rows, : keep.shape[1]] = keep
     return BatchSize.of(kept[idx])
 
 
-def _select(p: Packed, idx: torch.Tensor) -> Packed:
-    """Rows `idx` of a packed batch, trimmed to their own longest sequence (less compute per mini-batch)."""
-    S = int((p.prompt_lens[idx] + p.resp_lens[idx]).max())
-    T = max(1, int(p.resp_lens[idx].max()))
-    return Packed(p.ids[idx, :S], p.resp_pos[idx, :T].clamp(max=S - 1), p.targets[idx, :T], p.mask[idx, :T],
-                  p.prompt_lens[idx], p.resp_lens[idx])
+def _merge_micro(stats: list[dict]) -> dict:
+    """One mini-batch's stats from its micro-batches': the loss is their sum (each is normalised by the whole
+    mini-batch), extremes are extremes, and the rest are token-weighted means (exact for token fractions)."""
+    if len(stats) == 1:
+        return stats[0]
+    w = [s.get("loss/tokens", 1.0) for s in stats]
+    out = {}
+    for k in {k for s in stats for k in s}:
+        vals = [(s[k], wi) for s, wi in zip(stats, w) if k in s]
+        if k in ("loss/policy", "loss/tokens"):
+            out[k] = sum(v for v, _ in vals)
+        elif k.endswith("_max"):
+            out[k] = max(v for v, _ in vals)
+        elif k.endswith("_min"):
+            out[k] = min(v for v, _ in vals)
+        else:
+            out[k] = sum(v * wi for v, wi in vals) / max(1e-12, sum(wi for _, wi in vals))
+    return out
 
 
 def _mean_dicts(rows: list[dict]) -> dict:

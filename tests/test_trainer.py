@@ -165,7 +165,7 @@ def test_a_step_is_bad_when_every_mini_batch_it_tried_was_skipped(tmp_path):
 
 
 def test_old_vs_current_routing_is_logged_only_when_measured(tmp_path):
-    # N = 1: the update reuses θ_old's own forward, so its routes agree with θ_old's by construction: not logged.
+    # N = 1: the one update runs at θ_old itself, so its routes agree with θ_old's by construction: not logged.
     one = _run(tmp_path, "n1", ["train.steps=2"])
     assert not any("route/old_vs_current/mean" in r for r in one)
     two = [r for r in _run(tmp_path, "n2", ["train.steps=2", "train.n_minibatches=2"]) if "loss/policy" in r]
@@ -183,8 +183,9 @@ def test_minibatch_normalisation_counts_only_the_tokens_the_loss_sums_over():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (4, 3)
     idx, rows = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 3])
     keep = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (2, 3) live rows' kept tokens
-    size = minibatch_size(mask, idx, rows, keep)
+    size = minibatch_size(mask, idx, [rows], [keep])
     assert size == (4, 8, 4)  # 9 tokens less the dropped one, and row 1 has a token left
+    assert minibatch_size(mask, idx, [rows[:1], rows[1:]], [keep[:1, :2], keep[1:]]) == size  # as micro-batches
     logp_old = -torch.rand(4, 3, generator=g) - 0.1
     logp = (logp_old + 0.05 * torch.randn(4, 3, generator=g)).requires_grad_()
     logp_infer = logp_old + 0.01 * torch.randn(4, 3, generator=g)
