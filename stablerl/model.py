@@ -117,6 +117,23 @@ PRESETS: dict[str, ModelConfig] = {
     # ~3.4M parameters, ~1M active per token: big enough to learn the built-in tasks, small enough for 2 CPU cores.
     "tiny-moe": ModelConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256),
     "tiny-dense": ModelConfig(model_type="qwen3", intermediate_size=512, num_experts=0),
+    # ~158M parameters, ~25M active, Qwen3-MoE shape at the char vocabulary: the scale where kernels, not Python,
+    # set the step time (benchmarks/mfu.py), still trainable on a CPU
+    "small-moe": ModelConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                             head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
+                             max_position_embeddings=1024),
+    # The shapes of real checkpoints (Qwen/Qwen3-0.6B and Qwen/Qwen3-30B-A3B config.json), with random weights and
+    # no download: for memory and speed at real vocabulary and width (benchmarks/memory.py). 30B-A3B does not fit a
+    # CPU machine's memory in fp32 (~122 GB); its config is here for tools that build on the meta device.
+    "qwen3-0.6b": ModelConfig(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                              num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                              rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=True,
+                              num_experts=0, bos_token_id=151643, eos_token_id=151645, pad_token_id=None),
+    "qwen3-30b-a3b": ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                                 num_attention_heads=32, num_key_value_heads=4, head_dim=128, rope_theta=1000000.0,
+                                 max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8,
+                                 moe_intermediate_size=768, bos_token_id=151643, eos_token_id=151645,
+                                 pad_token_id=None),
 }
 
 

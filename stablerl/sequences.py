@@ -85,8 +85,8 @@ def policy_logprobs(model, packed: Packed, routes: torch.Tensor | None = None, t
     The LM head runs only at response positions, `chunk_tokens(V, chunk)` tokens at a time, so neither (n, S, V)
     nor (n, T, V) logits ever exist: memory is flat in the vocabulary. With grad, each chunk is recomputed in the
     backward pass (activation checkpointing of the head), so only one chunk of logits is alive at a time there too.
-    top-p/top-k truncation is computed per token, hence per chunk. `entropy` (no grad only): Σ of the sampling
-    distribution's entropy over the response tokens, for the diagnostics. `checkpoint`: per decoder layer as well.
+    top-p/top-k truncation is computed per token, hence per chunk. `entropy`: Σ of the sampling distribution's entropy
+    over the response tokens, for the diagnostics (no gradient). `checkpoint`: per decoder layer as well.
     """
     out = model(packed.ids, routes=routes, logits=False, checkpoint=checkpoint)
     rows, cols = packed.mask.nonzero(as_tuple=True)  # (M,), (M,) the real response tokens
@@ -97,14 +97,17 @@ def policy_logprobs(model, packed: Packed, routes: torch.Tensor | None = None, t
     sampling = (temperature, top_p, top_k)
     for s in range(0, h.shape[0], step):
         hc, tc = h[s : s + step], targets[s : s + step]  # (m, H), (m,)
-        if h.requires_grad:
-            if entropy:
-                raise ValueError("policy_logprobs: entropy is a no-grad diagnostic; call it under torch.no_grad()")
+        if h.requires_grad and len(h) > step:  # logits recomputed in backward: one chunk of them alive at a time
             parts.append(torch.utils.checkpoint.checkpoint(_chunk_logp, model.lm_head, hc, tc, *sampling,
                                                            use_reentrant=False))
-            continue
-        lp = logprobs_from_logits(model.lm_head(hc).float(), *sampling)  # (m, V) -inf outside the support
-        parts.append(lp.gather(-1, tc[:, None]).squeeze(-1))
+            if not entropy:
+                continue
+            with torch.no_grad():  # the diagnostic's own pass over the chunk (entropy has no gradient here)
+                lp = logprobs_from_logits(model.lm_head(hc).float(), *sampling)  # (m, V)
+        else:  # no grad, or a single chunk (its <= CHUNK_BYTES of logits may as well stay for the backward)
+            lp = logprobs_from_logits(model.lm_head(hc).float(), *sampling)  # (m, V) -inf outside the support
+            parts.append(lp.gather(-1, tc[:, None]).squeeze(-1))
+            lp = lp.detach()
         if entropy:
             p = lp.exp()
             ent += -(p * lp.masked_fill(p == 0, 0.0)).sum()

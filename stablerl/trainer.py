@@ -175,8 +175,13 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
             # rows the updates leave out (Â = 0) are scored too, for the diagnostics, in forwards of their own
             rest_micro = [r for r in rest.split(t.micro_batch_size or len(rest) or 1) if len(r)]
             micro = [r for mb in batches for r in mb.micro] + rest_micro
-            with torch.no_grad(), autocast():
-                old = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args)
+            # N = 1 with the live rows in one micro-batch: the one update runs at θ_old itself, so θ_old's forward of
+            # those rows keeps its graph and the update reuses it (one forward less: 2.97 -> 2.7 s per quickstart step,
+            # docs/log.md 2026-12-02); r == 1 by construction. Micro-batched runs (real models) recompute instead.
+            reuse = N == 1 and len(batches[0].micro) == 1
+            with autocast():
+                old, kept = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args,
+                                       keep_first=reuse)
             # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
             # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
             outside = packed.mask & ~torch.isfinite(old.logp)  # (N, T)
@@ -208,7 +213,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
                 if not mb.micro:
                     continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
                 attempted += 1
-                st, fid = update.run(mb, stale=j > 0, probe=probe and j == N - 1)
+                st, fid = update.run(mb, stale=j > 0, probe=probe and j == N - 1, reuse=kept if j == 0 else None)
                 m |= fid
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 if st is None or not (math.isfinite(st["loss/policy"]) and torch.isfinite(gnorm)):
@@ -290,25 +295,30 @@ def minibatches(order: torch.Tensor, adv: torch.Tensor, skip_zero_adv: bool,
     return out, torch.cat(rest)
 
 
-def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.Tensor | None,
-               lp_args: dict) -> PolicyLogProbs:
-    """θ_old (no grad) over micro-batches of rows (together a partition of the rows) -> logp_old (N, T), the routes
-    (N, S, L, K) or None, and the summed entropy of the sampling distribution over response tokens."""
+def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.Tensor | None, lp_args: dict,
+               keep_first: bool = False) -> tuple[PolicyLogProbs, PolicyLogProbs | None]:
+    """θ_old over micro-batches of rows (together a partition of the rows) -> (logp_old (N, T), the routes (N, S, L, K)
+    or None, and the summed entropy of the sampling distribution over response tokens; `kept`). No grad, except with
+    `keep_first`: the first micro-batch's forward then keeps its graph and is returned as `kept`, for an update at
+    these very weights to reuse instead of repeating it."""
     N, T = packed.mask.shape
     logp = torch.zeros(N, T, device=packed.ids.device)  # (N, T)
-    routes, ent = None, 0.0
-    for idx in micro:
+    routes, ent, kept = None, 0.0, None
+    for i, idx in enumerate(micro):
         mb = select(packed, idx)
         S = mb.ids.shape[1]
-        out = policy_logprobs(model, mb, None if replay is None else replay[idx, :S], entropy=True, **lp_args)
-        logp[idx, : mb.mask.shape[1]] = out.logp
+        with torch.set_grad_enabled(keep_first and i == 0):
+            out = policy_logprobs(model, mb, None if replay is None else replay[idx, :S], entropy=True, **lp_args)
+        if out.logp.requires_grad:
+            kept = out
+        logp[idx, : mb.mask.shape[1]] = out.logp.detach()
         ent += out.entropy_sum
         if out.routes is not None:
             if routes is None:  # (N, S, L, K) in the engine's compact route dtype
                 dt = route_dtype(model.config.num_experts)
                 routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=dt, device=logp.device)
             routes[idx, :S] = out.routes.to(routes.dtype)
-    return PolicyLogProbs(logp, routes, ent)
+    return PolicyLogProbs(logp, routes, ent), kept
 
 
 @dataclass(frozen=True)
@@ -331,8 +341,10 @@ class Update:
     truncated: bool  # top-p/top-k sampling: a moved policy may drop a sampled token from its support
     autocast: Callable  # () -> the context the forward runs in (bf16 autocast or nothing)
 
-    def run(self, mb: MiniBatch, stale: bool, probe: bool) -> tuple[dict | None, dict]:
-        """(stats, E9 stats) after the backward passes; stats None when no token was left to learn from."""
+    def run(self, mb: MiniBatch, stale: bool, probe: bool,
+            reuse: PolicyLogProbs | None = None) -> tuple[dict | None, dict]:
+        """(stats, E9 stats) after the backward passes; stats None when no token was left to learn from. `reuse`:
+        the forward of the (single) micro-batch at these weights, with its graph, run by `old_policy`."""
         # The loss divides by the mini-batch's token counts. They are mask's, unless the moved policy (a later
         # mini-batch, with truncation) dropped tokens: then they must be known before the first backward.
         size = BatchSize.of(self.packed.mask[mb.idx])
@@ -343,8 +355,11 @@ class Update:
         for k, rows in enumerate(mb.micro):
             sub = select(self.packed, rows)
             S, T = sub.ids.shape[1], sub.mask.shape[1]  # trimmed to these rows' longest sequence / response
-            with self.autocast():
-                cur = policy_logprobs(self.model, sub, self._replay(rows, S), **self.lp_args)
+            if reuse is not None:
+                cur = reuse  # the padding of `sub` is θ_old's own: select() trims the same rows the same way
+            else:
+                with self.autocast():
+                    cur = policy_logprobs(self.model, sub, self._replay(rows, S), **self.lp_args)
             logp = cur.logp  # (n, T) log π_θ under the support rule of logp_old
             # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it. Without
             # truncation every log π is finite, and a NaN must reach the loss (and the NaN guard), not be dropped.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stablerl.hf import get_model, load_model
-from stablerl.model import PRESETS, build_model
+from stablerl.model import PRESETS, Transformer, build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,3 +133,32 @@ def test_bf16_routing_disagreement_is_measurable():
     differ = (r32 != r16).any(-1).float().mean(dim=(0, 1))  # (L,) fraction of tokens with a different expert set
     print("bf16-vs-fp32 routing disagreement per layer:", [round(float(x), 4) for x in differ])
     assert (differ > 0).all() and (differ < 0.5).all()
+
+
+# The public config.json of each checkpoint (the keys that define the computation), as published with the weights.
+QWEN3_0_6B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
+                  intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                  tie_word_embeddings=True, attention_bias=False, bos_token_id=151643, eos_token_id=151645)
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
+                     bos_token_id=151643, eos_token_id=151645)
+
+
+@pytest.mark.parametrize("name, ref, total, active", [("qwen3-0.6b", QWEN3_0_6B, 596_049_920, 596_049_920),
+                                                      ("qwen3-30b-a3b", QWEN3_30B_A3B, 30_532_122_624, 3_353_032_704)])
+def test_real_shape_presets_match_their_checkpoints(name, ref, total, active):
+    hf = PRESETS[name].to_hf()
+    assert {k: hf[k] for k in ref} == ref
+    with torch.device("meta"):  # no memory: 30B-A3B would need ~122 GB in fp32
+        m = Transformer(PRESETS[name])
+    assert (m.num_params(), m.num_params(active=True)) == (total, active)  # "0.6B"; "30B" total, "A3B" active
+
+
+def test_small_moe_preset_is_in_the_100_to_200m_range():
+    with torch.device("meta"):
+        m = Transformer(PRESETS["small-moe"])
+    assert 100e6 <= m.num_params() <= 200e6 and m.is_moe and m.config.model_type == "qwen3_moe"

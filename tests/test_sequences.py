@@ -88,7 +88,7 @@ def test_micro_batched_update_equals_one_pass(rollout, loss):
     adv = group_advantages(rewards).flatten()  # (N,)
     lp_args = dict(**sampling, chunk=4, checkpoint=False)
     with torch.no_grad():
-        old = old_policy(model, packed, [torch.arange(N)], None, lp_args)
+        old, _ = old_policy(model, packed, [torch.arange(N)], None, lp_args)
     logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)
     mask = packed.mask & torch.isfinite(old.logp)
     packed = select(packed, torch.arange(N))
