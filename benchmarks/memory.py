@@ -24,26 +24,19 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, tempfile, time
 from pathlib import Path
-from tokenizers import Tokenizer, models
 from stablerl.config import load_config
 from stablerl.model import ModelConfig, build_model
-from stablerl.tokenizer import TextTokenizer, char_tokenizer
 from stablerl.trainer import train
+from memory import filler_tokenizer
 
 V, steps, B, G, T = map(int, sys.argv[1:6])
 out = sys.argv[6]
-base = char_tokenizer()
-vocab = base.get_vocab(True)
-vocab.update({f"<x{i}>": i for i in range(len(vocab), V)})
-tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-tok.pre_tokenizer, tok.decoder, tok.post_processor = base.pre_tokenizer, base.decoder, base.post_processor
-tok.add_special_tokens(["<pad>", "<bos>", "<eos>"])
 cfg = ModelConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
                   max_position_embeddings=512)
 model = build_model(cfg, seed=0)
 with tempfile.TemporaryDirectory() as tmp:
-    model.save(Path(tmp) / "m", tokenizer=TextTokenizer(tok, bos_id=1, eos_ids=(2,), pad_id=0))
+    model.save(Path(tmp) / "m", tokenizer=filler_tokenizer(V))
     del model
     run = load_config(None, [f"out_dir={tmp}", "name=mem", f"init={tmp}/m", f"train.steps={steps}",
                              f"train.batch_prompts={B}", f"train.group_size={G}", f"engine.max_new_tokens={T}",
@@ -60,6 +53,22 @@ Path(out).write_text(json.dumps({
     "updated_minibatches": sum(1 for r in steps_rows if "loss/policy" in r),
 }))
 """
+
+
+def filler_tokenizer(vocab_size: int):
+    """The built-in character tokenizer grown to `vocab_size` tokens with fillers `<x123>`, so that every id a
+    random model samples decodes to text (and the reward sees it)."""
+    from tokenizers import Tokenizer, models
+
+    from stablerl.tokenizer import TextTokenizer, char_tokenizer
+
+    base = char_tokenizer()
+    vocab = base.get_vocab(True)
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tok.pre_tokenizer, tok.decoder, tok.post_processor = base.pre_tokenizer, base.decoder, base.post_processor
+    tok.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+    return TextTokenizer(tok, bos_id=1, eos_ids=(2,), pad_id=0)
 
 
 def parity(completion: str, answer: str) -> float:

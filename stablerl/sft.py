@@ -137,6 +137,7 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
     with progress:
         bar = progress.add_task("sft", total=s.steps, info="")
         for step in range(s.steps):
+            t_step = time.perf_counter()
             idx = torch.randint(len(examples), (s.batch_size,), generator=gen).tolist()
             # each example's trace style drawn from the mixture (a single style draws nothing: same stream as before)
             pick = torch.multinomial(probs, s.batch_size, replacement=True, generator=gen).tolist() if len(styles) > 1 \
@@ -157,7 +158,8 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
             lv = float(loss.detach())
             loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             tps = tokens / (time.perf_counter() - t0)
-            writer.log(step, {"sft/loss": lv, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/tokens_per_s": tps})
+            writer.log(step, {"sft/loss": lv, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/tokens_per_s": tps,
+                              "time/step": time.perf_counter() - t_step})
             if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
                 # the SFT curve is steep where it crosses over (docs/log.md): the curve says where a run sits on it
                 res = held_out(heldout[: s.eval_problems], step + 1)
