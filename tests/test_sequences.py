@@ -129,3 +129,15 @@ def test_minibatch_size_counts_every_row_of_the_minibatch():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
     size = minibatch_size(mask, torch.tensor([0, 2]), [], [])
     assert size == (2, 5, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chunked_logprobs_match_cpu(rollout):
+    model, _, packed = rollout
+    with torch.no_grad():
+        ref = policy_logprobs(model, packed, chunk=7, entropy=True)
+        gpu = policy_logprobs(model.cuda(), packed.to("cuda"), chunk=7, entropy=True)
+    model.cpu()
+    torch.testing.assert_close(gpu.logp.cpu(), ref.logp, rtol=0, atol=1e-4)
+    assert gpu.entropy_sum == pytest.approx(ref.entropy_sum, rel=1e-4)

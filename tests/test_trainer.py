@@ -200,3 +200,14 @@ def test_minibatch_normalisation_counts_only_the_tokens_the_loss_sums_over():
         stale = policy_loss(loss, logp[rows], logp_old[rows], logp_infer[rows], adv[rows], keep,
                             batch=BatchSize.of(mask[idx]))
         assert loss == "grpo" or abs(float(stale.loss) - float(full.loss)) > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_rl_steps_with_micro_batches_and_r3(tmp_path, dtype):
+    rows = _run(tmp_path, f"cuda-{dtype}", ["device=cuda", f"train.dtype={dtype}", "train.steps=2",
+                                            "train.micro_batch_size=3", "algo.replay=R3", "train.n_minibatches=2",
+                                            "train.activation_checkpointing=true"])
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["guard/skipped_minibatches"] == 0 for r in steps)
