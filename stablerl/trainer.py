@@ -176,8 +176,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
             rest_micro = [r for r in rest.split(t.micro_batch_size or len(rest) or 1) if len(r)]
             micro = [r for mb in batches for r in mb.micro] + rest_micro
             # N = 1 with the live rows in one micro-batch: the one update runs at θ_old itself, so θ_old's forward of
-            # those rows keeps its graph and the update reuses it (one forward less: 2.97 -> 2.7 s per quickstart step,
-            # docs/log.md 2026-12-02); r == 1 by construction. Micro-batched runs (real models) recompute instead.
+            # those rows keeps its graph and the update reuses it (recomputing it cost +0.25 s of a ~2.7 s quickstart
+            # step, docs/log.md 2026-12-02); r == 1 by construction. Micro-batched runs (real models) recompute.
             reuse = N == 1 and len(batches[0].micro) == 1
             with autocast():
                 old, kept = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args,
