@@ -163,11 +163,12 @@ RESUMABLE = frozenset({"out_dir", "train.eval_every", "train.save_every", "train
                        "train.fidelity_every", "train.samples_per_eval", "train.max_bad_steps", "task.reward_timeout"})
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict -> {"section.key": value} (task.knobs stays one value)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and k != "knobs":  # sections recurse; task.knobs is one value
-            out |= _flat(v, f"{prefix}{k}.")
+            out |= flatten(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -176,7 +177,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def check_resume_config(saved, new, saved_path: Path) -> None:
     """Refuse a resume whose config changes anything but the RESUMABLE keys, naming the keys and both values.
     `train.steps` may grow or shrink only under a constant learning rate (the cosine schedule depends on it)."""
-    a, b = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(new))
+    a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(new))
     allowed = RESUMABLE | ({"train.steps"} if new.train.lr_schedule == "constant" else set())
     changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in allowed]
     if changed:

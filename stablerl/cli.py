@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("stablerl.commands.sft", "cold-start supervised fine-tuning on a task's solution traces"),
     "eval": ("stablerl.commands.eval", "greedy accuracy and mean@k on a held-out task split or data file"),
     "generate": ("stablerl.commands.generate", "sample completions (with logprobs, routes) from a JSONL of prompts"),
+    "study": ("stablerl.commands.study", "run a study (cells of overrides x seeds) as processes, then its report"),
+    "reproduce": ("stablerl.commands.reproduce", "the paper's findings F1-F5: the study grid, runs, report, verdicts"),
+    "report": ("stablerl.commands.report", "Markdown + PNG report (tables, plots, verdicts) from run directories"),
 }
 
 

@@ -1,0 +1,265 @@
+"""`stablerl report DIRS... [--out DIR]`: a Markdown report and PNG plots from run directories alone.
+
+A directory holding a `study.yaml` (written by `stablerl study` / `stablerl reproduce`) is read as that study: its
+cells, seeds and findings, with a verdict per finding. Any other directory is searched for run directories (a
+`metrics.jsonl` next to a `config.yaml`), grouped into cells by name (`<cell>/seed<k>`, or the run's own name);
+`--study FILE` applies a study's findings to them. Imports no trainer, engine or model (stablerl.report's rule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from stablerl.errors import UserError
+from stablerl.grid import Study, finding_roles, load_study
+from stablerl.metrics import read_metrics
+from stablerl.report import collapse_rule, summarize_run
+from stablerl.verdicts import CellStats, Thresholds, cell_stats, evaluate_findings
+
+# (metric key, panel title, log-scale y); `route/infer_vs_train/layer{i}` panels are added per layer found
+PANELS = [("eval/accuracy", "held-out greedy accuracy", False), ("reward/mean", "rollout reward", False),
+          ("kl/k3", "train-inference KL, k3 (E3)", True), ("entropy/mean", "entropy (nats/token)", False),
+          ("is/discrepancy_max", "max discrepancy weight π_old/μ (E3)", True),
+          ("is/staleness_max", "max staleness ratio π/π_old (E8)", True), ("clip/frac", "clip fraction (E5)", False),
+          ("fidelity/cosine", "first-order fidelity (E9)", False)]
+SEED = re.compile(r"^seed(\d+)$")
+
+
+@dataclass(frozen=True)
+class Found:
+    run_dir: Path
+    cell: str
+    label: str  # the run's path from the directory given, its study's name included
+
+
+def find_runs(dirs: list[Path]) -> tuple[Study | None, list[Found], list[Path]]:
+    """(the study of the first directory holding a study.yaml, the train runs, the cold-start (SFT) runs)."""
+    study, runs, cold = None, [], []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise UserError(f"{d}: not a directory; give run directories or a study's directory (<out>/<study>)")
+        if (d / "study.yaml").exists():
+            study = study or load_study(d / "study.yaml")
+        for m in sorted(d.rglob("metrics.jsonl")):
+            run = m.parent
+            if "checkpoints" in run.relative_to(d).parts or not (run / "config.yaml").exists():
+                continue
+            if (run / "sft.json").exists():
+                cold.append(run)
+                continue
+            seed = SEED.match(run.name)
+            runs.append(Found(run, run.parent.name if seed else run.name, str(run.relative_to(d.parent))))
+    if not runs and not cold:
+        raise UserError(f"{', '.join(map(str, dirs))}: no run directories found (a run directory holds metrics.jsonl "
+                        "and config.yaml)")
+    return study, runs, cold
+
+
+# ---- plots --------------------------------------------------------------------------------------------------------
+
+
+def _band(runs: list[list[dict]], key: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) over the seeds that logged `key` at that step."""
+    by_step: dict[int, list[float]] = {}
+    for rows in runs:
+        for r in rows:
+            v = r.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                by_step.setdefault(r["step"], []).append(float(v))
+    return [(s, sum(v) / len(v), min(v), max(v)) for s, v in sorted(by_step.items())]
+
+
+def plot_cells(path: Path, title: str, cells: dict[str, list[list[dict]]]) -> Path | None:
+    """One panel per metric, one line per cell (the seed mean) with its min-max band over seeds; None if no panel has
+    data. Object API with the Agg canvas, as stablerl/plots.py."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = sorted({k for runs in cells.values() for rows in runs for r in rows for k in r
+                     if k.startswith("route/infer_vs_train/layer")}, key=lambda k: int(k.rsplit("layer", 1)[1]))
+    panels = []
+    for key, name, log in [*PANELS, *((k, f"routing agreement, engine vs trainer, {k.rsplit('/', 1)[1]} (E7)",
+                                       False) for k in layers)]:
+        lines = [(cell, pts) for cell, runs in cells.items() if (pts := _band(runs, key))]
+        if lines and not (log and any(lo <= 0 for _, pts in lines for _, _, lo, _ in pts)):
+            panels.append((name, lines, log))
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.6 * cols, 3.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for k, (name, lines, log) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        for cell, pts in lines:
+            s, mean, lo, hi = zip(*pts)
+            (line,) = ax.plot(s, mean, label=cell, linewidth=1.2, marker="o" if len(pts) <= 30 else None,
+                              markersize=3)
+            ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{title}: seed mean, band = min-max over seeds", fontsize=10)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
+    return path
+
+
+# ---- Markdown -----------------------------------------------------------------------------------------------------
+
+
+def _pm(c: CellStats, key: str, pct: bool = True) -> str:
+    m, s = c.mean(key), c.std(key)
+    if math.isnan(m):
+        return "-"
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.3g} ± {s:.2g}"
+
+
+def cell_table(stats: list[CellStats]) -> list[str]:
+    """Markdown rows: one per cell, means ± standard deviations over its finished seeds."""
+    out = ["| cell | seeds | collapsed | final acc % | best acc % | initial acc % | final reward | mean k3 | "
+           "mean fidelity | mean max \\|log r\\| |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in stats:
+        seeds = f"{c.n}" + (f" (+{c.missing} missing)" if c.missing else "")
+        out.append(f"| {c.name} | {seeds} | {c.collapsed}/{c.n} | {_pm(c, 'final_accuracy')} | "
+                   f"{_pm(c, 'best_accuracy')} | {_pm(c, 'initial_accuracy')} | {_pm(c, 'final_reward', False)} | "
+                   f"{_pm(c, 'kl_k3_mean', False)} | {_pm(c, 'fidelity_cosine_mean', False)} | "
+                   f"{_pm(c, 'staleness_abs_log_max_mean', False)} |")
+    return out
+
+
+def _flat_cells(roles: dict) -> list[str]:
+    names: list[str] = []
+    for v in roles.values():
+        for c in [v] if isinstance(v, str) else v.values() if isinstance(v, dict) else v:
+            names += [c] if c not in names else []
+    return names
+
+
+def write_report(dirs: list[Path], out: Path, study_path: str | None = None, command: str | None = None,
+                 th: Thresholds | None = None) -> Path:
+    """Write OUT/report.md, one PNG per finding (or per group of cells) and OUT/summaries.json; the report's path."""
+    th = th or Thresholds()
+    found_study, runs, cold = find_runs(dirs)
+    study = load_study(study_path) if study_path else found_study
+    rule = collapse_rule(study.collapse if study else {})
+    by_cell: dict[str, list[dict]] = {}  # recomputed from the files, so that the rule applies to old runs too
+    for f in runs:
+        by_cell.setdefault(f.cell, []).append({**summarize_run(f.run_dir, rule), "cell": f.cell, "run": f.label})
+    order = [c for c in (study.cells if study else []) if c in by_cell] + [c for c in by_cell
+                                                                            if not study or c not in study.cells]
+    expected = len(study.seeds) if study else 0
+    stats = {c: cell_stats(c, by_cell.get(c, []), expected) for c in [*(study.cells if study else []), *order]}
+    rows = {f.cell: [] for f in runs}
+    for f in runs:
+        rows[f.cell].append(read_metrics(f.run_dir / "metrics.jsonl"))
+    out.mkdir(parents=True, exist_ok=True)
+    verdicts = evaluate_findings(study, stats, th) if study else {}
+    if command is None and study is not None:
+        log = next((Path(d) / "commands.log" for d in dirs if (Path(d) / "commands.log").exists()), None)
+        command = log.read_text().splitlines()[-1].split("\t", 1)[-1] if log else None
+    done = [s for ss in by_cell.values() for s in ss]
+    md = [f"# {study.name if study else 'runs'}: report", "",
+          f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by `stablerl report` from "
+          f"{len(done)} run directories" + (f"; made by `{command}`" if command else "") + ".",
+          f"Runs: {sum(s['status'] == 'done' for s in done)} done, {sum(s['status'] == 'aborted' for s in done)} "
+          f"aborted (NaN guard), {sum(c.missing for c in stats.values())} missing or unfinished (left out).", "",
+          f"**Collapse rule** (stored in each run's summary): {rule.text()}.", "",
+          f"**Verdict thresholds**: at least {th.min_seeds} finished seeds per cell; a cell *collapses* when "
+          f"≥ {th.collapses:.2g} of its seeds did, is *stable* when ≤ {th.stable:.2g} did; accuracy differences count "
+          "only beyond the seed spread (the larger standard deviation over seeds). Accuracies are held-out greedy "
+          "(`eval/accuracy`), final = the last evaluation of the run.", ""]
+    plotted: set[str] = set()
+    if verdicts:
+        md += ["## Verdicts", "", "| finding | claim | verdict |", "|---|---|---|"]
+        md += [f"| {k} | {study.findings[k].claim} | **{v.outcome}** |" for k, v in verdicts.items()]
+        md.append("")
+    for name, v in verdicts.items():
+        f = study.findings[name]
+        roles = finding_roles(study, f)
+        cells = _flat_cells(roles)
+        md += [f"## {name}: {f.claim}" if f.claim else f"## {name}", "", f"**Verdict: {v.outcome}.** {v.numbers}", "",
+               f"Rule {v.rule}", ""]
+        md += [f"- {part}: **{pv.outcome}**. {pv.numbers}" for part, pv in v.parts] + ([""] if v.parts else [])
+        md += [*cell_table([stats[c] for c in cells]), ""]
+        groups = _groups(name, roles, cells)
+        for title, group in groups:
+            png = plot_cells(out / f"{_slug(title)}.png", title, {c: rows[c] for c in group if c in rows})
+            md += [f"![{title}]({png.name})", ""] if png else []
+        plotted |= set(cells)
+    rest = [c for c in order if c not in plotted]
+    if rest:
+        md += ["## Cells" if not verdicts else "## Other cells", "", *cell_table([stats[c] for c in rest]), ""]
+        for i in range(0, len(rest), 8):
+            title = "cells" if len(rest) <= 8 else f"cells {i // 8 + 1}"
+            png = plot_cells(out / f"{_slug(title)}.png", title, {c: rows[c] for c in rest[i: i + 8]})
+            md += [f"![{title}]({png.name})", ""] if png else []
+    if cold:
+        md += ["## Cold starts", "", "| cold start | sft.style | held-out accuracy |", "|---|---|---|"]
+        for d in cold:
+            s = json.loads((d / "sft.json").read_text()) if (d / "sft.json").exists() else {}
+            md.append(f"| {d.name} | {s.get('style', '-')} | {100 * s.get('heldout_accuracy', math.nan):.1f}% |")
+        md.append("")
+    md += ["## Runs", "", "| run | status | steps | initial acc % | final acc % | collapse |",
+           "|---|---|---|---|---|---|"]
+    for s in done:
+        col = s["collapse"]
+        acc = ["-" if s[k] is None else f"{100 * s[k]:.1f}" for k in ("initial_accuracy", "final_accuracy")]
+        md.append(f"| {s['run']} | {s['status']} | {s['steps_done']}/{s['steps']} | {acc[0]} | {acc[1]} | "
+                  f"{'**collapsed**: ' if col['collapsed'] else ''}{col['reason']} |")
+    (out / "summaries.json").write_text(json.dumps(
+        {"runs": done, "verdicts": {k: {"outcome": v.outcome, "numbers": v.numbers, "rule": v.rule,
+                                        "parts": {p: pv.outcome for p, pv in v.parts}} for k, v in verdicts.items()}},
+        indent=1) + "\n")
+    path = out / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(md) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _groups(name: str, roles: dict, cells: list[str]) -> list[tuple[str, list[str]]]:
+    """The plots of a finding: one; for a sweep grid (F4), one per value of its first axis (N), 6 cells each."""
+    grid = next((v for v in roles.values() if isinstance(v, dict)), None)
+    if grid is None:
+        return [(name, cells)]
+    firsts = list(dict.fromkeys(k[0] for k in grid))
+    return [(f"{name} {n}", [c for k, c in grid.items() if k[0] == n]) for n in firsts]
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", title).strip("_") or "plot"
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or a study's directory (<out>/<study>)")
+    p.add_argument("--out", default=None, help="where to write report.md and the plots (default docs/results/<study "
+                   "name>, or docs/results/report)")
+    p.add_argument("--study", default=None, help="a study YAML whose cells and findings to apply to DIRS")
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    dirs = [Path(d) for d in args.dirs]
+    out = args.out
+    if out is None:
+        study, _, _ = find_runs(dirs)
+        name = load_study(args.study).name if args.study else study.name if study else "report"
+        out = Path("docs/results") / name
+    path = write_report(dirs, Path(out), args.study)
+    Console().print(f"[bold]report[/bold]: {path}")
+    return 0

@@ -1,0 +1,249 @@
+"""Reports from run directories alone: the collapse rule on synthetic curves, run summaries, the verdict rules on
+synthetic cells, and the Markdown + PNG rendering; the report side never imports the trainer."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stablerl.cli import main
+from stablerl.commands.report import write_report
+from stablerl.report import CollapseRule, aborted, detect_collapse, run_status, summarize_run
+from stablerl.verdicts import (
+    CellStats,
+    Thresholds,
+    collapses_without,
+    comparable,
+    learns_worse,
+    most_stable,
+    off_policy,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rows(rewards, evals=None, extra=None):
+    """Metrics rows as the trainer writes them: step 0 = the cold start's eval, then one row per RL step."""
+    out = [{"step": 0, "eval/accuracy": (evals or {}).get(0, 0.3)}]
+    for s, r in enumerate(rewards, start=1):
+        row = {"step": s, "reward/mean": r, "loss/policy": 0.0, "guard/skipped_minibatches": 0, "kl/k3": 1e-4,
+               "entropy/mean": 0.1, "is/discrepancy_max": 1.5, "is/staleness_max": 1.2, "is/staleness_min": 0.9,
+               "clip/frac": 0.01, "route/infer_vs_train/layer0": 0.99, "route/infer_vs_train/layer1": 0.98,
+               "time/step": 1.5, **(extra or {})}
+        if s in (evals or {}):
+            row["eval/accuracy"] = evals[s]
+        if s % 10 == 0:
+            row["fidelity/cosine"] = 0.99
+        out.append(row)
+    return out
+
+
+RISE = [0.2 + 0.6 * min(1, s / 20) for s in range(60)]  # 0.2 -> 0.8 by step 20
+COLLAPSE = RISE[:30] + [0.1] * 30  # then 0.1 from step 31 on, for good
+DIP = RISE[:30] + [0.05] * 4 + RISE[34:]  # down for 4 steps at 31-34, then back
+LATE = RISE[:56] + [0.0] * 4  # down for the last 4 steps: still below at the end
+
+
+@pytest.mark.parametrize("curve, collapsed, step, words", [
+    (COLLAPSE, True, 33, "not back within 10 steps"),  # the 5-step mean crosses 0.4 at step 33
+    (RISE, False, None, "stayed >= 0.5 x best"),
+    (DIP, False, None, "dips recovered at steps 33-37"),  # below 0.4 from step 33, back at 37
+    (LATE, True, 59, "not back within 10 steps"),
+    ([0.02, 0.05, 0.0, 0.01] * 10, False, None, "never reached 0.1"),
+])
+def test_collapse_rule_on_synthetic_curves(curve, collapsed, step, words):
+    got = detect_collapse(rows(curve))
+    assert (got.collapsed, got.step) == (collapsed, step) and words in got.reason, got
+
+
+def test_collapse_rule_parameters_and_aborted_runs():
+    # a 4-step dip is a collapse when the rule only waits 2 steps for the recovery
+    assert detect_collapse(rows(DIP), CollapseRule(patience=2)).collapsed
+    # the NaN guard: 3 bad steps (every mini-batch skipped); a step with nothing to update leaves the count alone
+    bad = {"reward/mean": 0.5, "guard/skipped_minibatches": 2}
+    run = rows(RISE[:10]) + [{"step": 11, **bad}, {"step": 12, "reward/mean": 0.5, "guard/skipped_minibatches": 0},
+                             {"step": 13, **bad}, {"step": 14, **bad}]
+    assert aborted(run, 3) and not aborted(run, 4) and not aborted(run[:-1], 3)
+    assert aborted(rows(RISE[:3]), 3, log="stablerl train: error: aborting: 3 steps in a row had a NaN/Inf loss")
+    got = detect_collapse(run, aborted=True)
+    assert got.collapsed and got.step == 14 and "NaN guard" in got.reason
+
+
+def write_run(d: Path, curve, evals=None, steps=None, seed=0, log=""):
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "train": {"steps": steps or len(curve), "max_bad_steps": 3},
+           "algo": {"loss": "minirl", "replay": "none"}, "engine": {"numerics": "bf16"}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(curve, evals)))
+    if log:
+        (d / "train.log").write_text(log)
+
+
+def test_summary_from_files(tmp_path):
+    write_run(tmp_path / "a", COLLAPSE, {0: 0.3, 20: 0.9, 40: 0.5, 60: 0.2})
+    s = summarize_run(tmp_path / "a", exit_code=0)
+    assert s["status"] == "done" and s["steps_done"] == 60 and s["steps"] == 60 and s["exit_code"] == 0
+    assert (s["initial_accuracy"], s["final_accuracy"], s["best_accuracy"], s["best_accuracy_step"]) == (0.3, 0.2, 0.9,
+                                                                                                        20)
+    assert s["collapse"]["collapsed"] and s["collapse"]["step"] == 33 and s["collapse"]["rule"]["frac"] == 0.5
+    assert s["final_reward"] == pytest.approx(0.1) and s["kl_k3_mean"] == pytest.approx(1e-4)
+    assert s["staleness_abs_log_max_mean"] == pytest.approx(math.log(1.2))  # max(|log 1.2|, |log 0.9|)
+    assert s["fidelity_cosine_mean"] == pytest.approx(0.99) and s["config"]["loss"] == "minirl"
+    # interrupted (no row for step 60 yet) / aborted by the NaN guard, as its log says
+    write_run(tmp_path / "b", RISE[:20], steps=60)
+    write_run(tmp_path / "c", RISE[:20], steps=60, log="stablerl train: error: aborting: 3 steps in a row had NaN")
+    assert run_status(tmp_path / "b") == ("incomplete", 20) and run_status(tmp_path / "c") == ("aborted", 20)
+
+
+def cell(name, collapsed, acc=None, init=None):
+    """A cell of finished synthetic runs: one per entry of `collapsed`."""
+    acc = acc or [0.8] * len(collapsed)
+    init = init or [0.3] * len(collapsed)
+    return CellStats(name, tuple({"status": "done", "collapse": {"collapsed": c}, "final_accuracy": a,
+                                  "initial_accuracy": i} for c, a, i in zip(collapsed, acc, init)))
+
+
+Y, N = True, False
+
+
+def test_f1_most_stable():
+    peers = [cell("no_is", [Y, Y, Y]), cell("lennorm", [N, N, Y])]
+    assert most_stable(cell("minirl", [N, N, N]), peers).outcome == "supported"
+    assert most_stable(cell("minirl", [N, Y, Y]), peers).outcome == "not supported"  # MiniRL itself collapses
+    # a peer collapsed less often
+    assert most_stable(cell("minirl", [N, N, Y]), [cell("p", [N, N, N])]).outcome == "not supported"
+    got = most_stable(cell("minirl", [N, N, N]), [cell("p", [N, N, N]), cell("q", [N, N, Y])])
+    assert got.outcome == "inconclusive" and "no peer collapsed in most seeds" in got.numbers
+    got = most_stable(cell("minirl", [N, N]), peers)
+    assert got.outcome == "inconclusive" and "fewer than 3 finished seeds: minirl (2)" in got.numbers
+
+
+def test_f2_collapses_without_is():
+    base = cell("minirl", [N, N, Y])
+    got = collapses_without(cell("no_is", [Y, Y, N]), base)
+    assert got.outcome == "supported" and "no_is collapsed 2/3" in got.numbers and "minirl collapsed 1/3" in got.numbers
+    assert collapses_without(cell("no_is", [N, N, Y]), base).outcome == "not supported"
+    assert collapses_without(cell("no_is", [Y, Y, Y]), cell("minirl", [Y, Y, N])).outcome == "inconclusive"
+    assert collapses_without(cell("no_is", [Y, Y]), base).outcome == "inconclusive"
+
+
+def test_f3_learns_worse_counts_only_beyond_the_seed_spread():
+    base = cell("minirl", [N, N, N], [0.90, 0.92, 0.94])
+    assert learns_worse(base, cell("lennorm", [N, N, N], [0.70, 0.72, 0.74])).outcome == "supported"
+    got = learns_worse(base, cell("lennorm", [N, N, N], [0.85, 0.95, 0.99]))
+    assert got.outcome == "inconclusive" and "within the seed spread" in got.numbers
+    assert learns_worse(base, cell("lennorm", [N, N, N], [0.97, 0.98, 0.99])).outcome == "not supported"
+    assert learns_worse(base, cell("lennorm", [Y, Y, N], [0.9, 0.92, 0.94])).outcome == "supported"
+
+
+def f4_grid(ns, fail_noclip=True, fail_norep=True, r2=(N, N, N), r3=(N, N, N), r2_large=None, r3_large=None):
+    g = {}
+    for n in ns:
+        g[(n, "noclip", "none")] = g[(n, "noclip", "R2")] = g[(n, "noclip", "R3")] = cell(
+            "nc", [Y, Y, Y] if fail_noclip else [N, N, N])
+        g[(n, "clip", "none")] = cell("c", [Y, Y, N] if fail_norep else [N, N, N])
+        g[(n, "clip", "R2")] = cell("r2", list(r2_large if n == ns[-1] and r2_large else r2))
+        g[(n, "clip", "R3")] = cell("r3", list(r3_large if n == ns[-1] and r3_large else r3))
+    return g
+
+
+def test_f4_off_policy_needs_clipping_and_replay():
+    ns = ["N2", "N4", "N8"]
+    got = off_policy(f4_grid(ns, r2_large=(Y, Y, N)))  # R2 breaks at N = 8 where R3 holds
+    assert got.outcome == "supported" and [v.outcome for _, v in got.parts] == ["supported"] * 3
+    got = off_policy(f4_grid(ns, fail_noclip=False, r2_large=(Y, Y, N)))  # no clip does not collapse
+    assert got.outcome == "not supported" and got.parts[0][1].outcome == "not supported"
+    got = off_policy(f4_grid(ns))  # R2 and R3 alike at every N: part (c) cannot tell
+    assert got.outcome == "inconclusive" and got.parts[2][1].outcome == "inconclusive"
+    got = off_policy(f4_grid(ns, r3_large=(Y, Y, Y)))  # R3 worse than R2 at large N
+    assert got.outcome == "not supported" and got.parts[2][1].outcome == "not supported"
+    got = off_policy(f4_grid(["N4"]))  # --quick: one N
+    assert got.parts[2][1].outcome == "inconclusive" and "two values of N" in got.parts[2][1].numbers
+
+
+def test_f5_comparable_cold_starts():
+    a = cell("mix", [N, N, N], [0.90, 0.92, 0.94], [0.3, 0.3, 0.3])
+    b = cell("long", [N, N, N], [0.88, 0.93, 0.95], [0.6, 0.6, 0.6])
+    assert comparable([a, b]).outcome == "supported"
+    assert comparable([a, cell("short", [N, N, N], [0.5, 0.52, 0.5], [0.1] * 3)]).outcome == "not supported"
+    assert comparable([a, cell("short", [Y, Y, N], [0.9] * 3, [0.1] * 3)]).outcome == "inconclusive"
+    got = comparable([a, cell("same", [N, N, N], [0.5] * 3, [0.31] * 3)])
+    assert got.outcome == "inconclusive" and "did not differ" in got.numbers
+    assert comparable([a, b], Thresholds(min_seeds=4)).outcome == "inconclusive"
+
+
+STUDY = """\
+name: demo
+seeds: [0, 1, 2]
+cells:
+  minirl: []
+  minirl_no_is: [algo.loss=minirl_no_is]
+  lennorm: [algo.loss=minirl_lennorm]
+findings:
+  F2: {rule: collapses_without, roles: {without: minirl_no_is, baseline: minirl}, claim: dropping IS collapses}
+  F3: {rule: learns_worse, roles: {baseline: minirl, variant: lennorm}, claim: length normalisation learns worse}
+"""
+
+
+def make_study(root: Path) -> Path:
+    d = root / "out" / "demo"
+    d.mkdir(parents=True)
+    (d / "study.yaml").write_text(STUDY)
+    (d / "commands.log").write_text("2026-12-02T00:00:00+00:00\tstablerl study demo.yaml --out out\n")
+    for s in range(3):
+        write_run(d / "minirl" / f"seed{s}", RISE, {0: 0.3, 30: 0.8, 60: 0.9 + 0.01 * s}, seed=s)
+        write_run(d / "minirl_no_is" / f"seed{s}", COLLAPSE if s < 2 else RISE, {0: 0.3, 60: 0.2}, seed=s)
+    for s in range(2):  # one seed short: F3 is inconclusive
+        write_run(d / "lennorm" / f"seed{s}", RISE, {0: 0.3, 60: 0.6}, seed=s)
+    cold = d / "cold" / "mix"
+    cold.mkdir(parents=True)
+    (cold / "config.yaml").write_text("seed: 0\n")
+    (cold / "metrics.jsonl").write_text('{"step": 0, "sft/loss": 1.0}\n')
+    (cold / "sft.json").write_text(json.dumps({"style": "long:0.5,answer:0.5", "heldout_accuracy": 0.33}))
+    return d
+
+
+def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
+    d = make_study(tmp_path)
+    path = write_report([d], tmp_path / "rep")
+    md = path.read_text()
+    assert md.startswith("# demo: report") and "made by `stablerl study demo.yaml --out out`" in md
+    assert "| F2 | dropping IS collapses | **supported** |" in md
+    assert "| F3 | length normalisation learns worse | **inconclusive** |" in md
+    assert "**Verdict: supported.** minirl_no_is collapsed 2/3" in md and "Rule `collapses_without`:" in md
+    assert "fewer than 3 finished seeds: lennorm (2)" in md
+    assert "| minirl | 3 | 0/3 | 91.0 ± 1.0 |" in md  # final accuracy 90, 91, 92 %: mean ± sample std
+    assert "| lennorm | 2 (+1 missing) | 0/2 |" in md
+    assert "| mix | long:0.5,answer:0.5 | 33.0% |" in md and "**collapsed**: smoothed reward" in md
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert pngs == ["F2.png", "F3.png"] and "![F2](F2.png)" in md and "![F3](F3.png)" in md
+    assert all((tmp_path / "rep" / p).read_bytes().startswith(PNG) for p in pngs)
+    assert not list((tmp_path / "rep").glob("*.tmp*"))
+    saved = json.loads((tmp_path / "rep" / "summaries.json").read_text())
+    assert saved["verdicts"]["F2"]["outcome"] == "supported" and len(saved["runs"]) == 8
+
+
+def test_report_cli_on_plain_run_directories(tmp_path, capsys):
+    for cell_name, curve in (("a", RISE), ("b", COLLAPSE)):
+        for s in range(2):
+            write_run(tmp_path / "runs" / cell_name / f"seed{s}", curve, {0: 0.3, 60: 0.5}, seed=s)
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Cells" in md and "| a | 2 | 0/2 |" in md and "| b | 2 | 2/2 |" in md and "## Verdicts" not in md
+    assert (tmp_path / "rep" / "cells.png").read_bytes().startswith(PNG)
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_report_never_imports_the_trainer(tmp_path):
+    d = make_study(tmp_path)
+    code = ("import sys; from pathlib import Path; from stablerl.commands.report import write_report; "
+            f"write_report([Path({str(d)!r})], Path({str(tmp_path / 'rep')!r})); "
+            "bad = [m for m in ('stablerl.trainer', 'stablerl.engine', 'stablerl.model') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
