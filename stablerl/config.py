@@ -268,16 +268,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     lines: dict[str, str] = {}
     if path is not None:
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{at}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        text, loaded = read_yaml(p, "config")
+        loaded = loaded or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         lines = _line_map(text, str(p))
@@ -295,6 +287,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, data, "", lines)
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path, what: str) -> tuple[str, Any]:
+    """(text, parsed value) of a YAML file; ConfigError naming file:line for an unreadable or invalid one."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return text, yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{at}: invalid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def _merge(dst: dict, src: dict) -> None:

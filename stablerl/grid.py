@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stablerl.config import Config, ConfigError, load_config
+from stablerl.config import Config, ConfigError, load_config, read_yaml
 from stablerl.errors import UserError
 
 STUDIES = Path(__file__).parent / "studies"  # the studies shipped with stablerl (`stablerl reproduce`)
@@ -175,15 +175,7 @@ def load_study(path: str | Path) -> Study:
     """Parse a study file; ConfigError naming file:line and the key for anything malformed. Run configs are checked
     by `expand`, which builds every (cell, seed) config before anything runs."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read the study ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{p}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    text, data = read_yaml(p, "the study")
     r = _Reader(_lines(text, str(p)), str(p))
     data = r.mapping(data, (), TOP_KEYS)
     if "name" not in data:

@@ -39,38 +39,52 @@ def select_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, list[tupl
     return panels
 
 
+def panel_axes(n: int, width: float, height: float) -> tuple[object, list]:
+    """A matplotlib Figure with `n` panels, up to 3 a row, and their axes. The object API with the Agg canvas: no
+    pyplot, no global backend or figure state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(3, n)
+    nrows = -(-n // cols)
+    fig = Figure(figsize=(width * cols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(nrows, cols, k + 1) for k in range(n)]
+
+
+def finish_panel(ax, title: str, log: bool, legend_size: int = 7) -> None:
+    """The house style of a panel: title, step axis, grid, legend."""
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_png(fig, path: Path, dpi: int) -> Path:
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
+    return path
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """Write `curves.png` (or `out`) for the run in `run_dir`; None when its metrics.jsonl has nothing PANELS draws."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend or figure state
-
     run_dir = Path(run_dir)
     panels = select_panels(read_metrics(run_dir / "metrics.jsonl"))
     if not panels:
         return None
-    cols = min(3, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    for k, (title, lines, log) in enumerate(panels):
-        ax = fig.add_subplot(nrows, cols, k + 1)
+    fig, axes = panel_axes(len(panels), 4.2, 3.0)
+    for ax, (title, lines, log) in zip(axes, panels):
         for label, pts in lines:
             xs, ys = zip(*pts)
             # sparse series (evals every k steps) get markers so their few points are visible
             ax.plot(xs, ys, label=label, marker="o" if len(pts) <= 30 else None, markersize=3, linewidth=1.2)
-        if log:
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_panel(ax, title, log)
     fig.suptitle(str(run_dir), fontsize=10)
-    path = Path(out) if out is not None else run_dir / "curves.png"
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)  # atomic: a reader never sees half a PNG
-    return path
+    return save_png(fig, Path(out) if out is not None else run_dir / "curves.png", dpi=110)
 
 
 def plot_run_quietly(run_dir: str | Path, warn=print) -> Path | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from stablerl.errors import UserError
 from stablerl.grid import Study, finding_roles, load_study
 from stablerl.metrics import read_metrics
+from stablerl.plots import finish_panel, panel_axes, save_png
 from stablerl.report import collapse_rule, summarize_run
 from stablerl.verdicts import CellStats, Thresholds, cell_stats, evaluate_findings
 
@@ -77,9 +78,6 @@ def _band(runs: list[list[dict]], key: str) -> list[tuple[int, float, float, flo
 def plot_cells(path: Path, title: str, cells: dict[str, list[list[dict]]]) -> Path | None:
     """One panel per metric, one line per cell (the seed mean) with its min-max band over seeds; None if no panel has
     data. Object API with the Agg canvas, as stablerl/plots.py."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     layers = sorted({k for runs in cells.values() for rows in runs for r in rows for k in r
                      if k.startswith("route/infer_vs_train/layer")}, key=lambda k: int(k.rsplit("layer", 1)[1]))
     panels = []
@@ -90,29 +88,16 @@ def plot_cells(path: Path, title: str, cells: dict[str, list[list[dict]]]) -> Pa
             panels.append((name, lines, log))
     if not panels:
         return None
-    cols = min(3, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.6 * cols, 3.2 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    for k, (name, lines, log) in enumerate(panels):
-        ax = fig.add_subplot(nrows, cols, k + 1)
+    fig, axes = panel_axes(len(panels), 4.6, 3.2)
+    for ax, (name, lines, log) in zip(axes, panels):
         for cell, pts in lines:
             s, mean, lo, hi = zip(*pts)
             (line,) = ax.plot(s, mean, label=cell, linewidth=1.2, marker="o" if len(pts) <= 30 else None,
                               markersize=3)
             ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
-        if log:
-            ax.set_yscale("log")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        finish_panel(ax, name, log, legend_size=6)
     fig.suptitle(f"{title}: seed mean, band = min-max over seeds", fontsize=10)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)  # atomic: a reader never sees half a PNG
-    return path
+    return save_png(fig, path, dpi=100)
 
 
 # ---- Markdown -----------------------------------------------------------------------------------------------------
