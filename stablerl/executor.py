@@ -51,7 +51,11 @@ class Plan:
     def command(self) -> tuple[str, ...]:
         """The `stablerl` arguments to run: --resume goes right after the subcommand, with the other flags."""
         a = self.run.args
-        return (a[0], "--resume", *a[1:]) if self.action == "resume" else a
+        if self.action == "resume":
+            return (a[0], "--resume", *a[1:])
+        if self.run.kind == "train" and self.run.run_dir.exists():  # a restart replaces the interrupted run's files
+            return (a[0], "--overwrite", *a[1:])
+        return a
 
 
 # what a cold start (SFT) depends on: a change of an RL key (train.lr, algo.*) must not make it stale

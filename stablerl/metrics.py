@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 from stablerl.errors import UserError
@@ -20,8 +21,9 @@ class MetricsWriter:
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None:
             truncate_after(self.path, resume_step)
-        elif self.path.exists():
-            self.path.unlink()  # a fresh run does not inherit a previous run's lines
+        else:  # a fresh run inherits no line and no event of a previous run in this directory
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
         self.fh = self.path.open("a")
         self.tb = None
         if tensorboard:

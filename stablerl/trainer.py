@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -76,17 +77,22 @@ def seq_token_mask(packed: Packed) -> torch.Tensor:
     return torch.arange(S, device=lengths.device)[None] < lengths[:, None]
 
 
-def train(cfg: Config, resume: bool = False, show_progress: bool = True, console: Console | None = None) -> TrainResult:
+def train(cfg: Config, resume: bool = False, show_progress: bool = True, console: Console | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """RL from `cfg`. A run directory that holds an earlier run is continued (`resume`), started over (`overwrite`:
+    its files are deleted first), or refused with one line: nothing is lost by accident."""
     with RunLock(cfg.run_dir()):  # one writer per run directory
-        return _train(cfg, resume, show_progress, console or Console())
+        return _train(cfg, resume, show_progress, console or Console(), overwrite)
 
 
-def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> TrainResult:
+def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, overwrite: bool) -> TrainResult:
     run_dir = cfg.run_dir()
     e, a, t = cfg.engine, cfg.algo, cfg.train
     point = resume_point(run_dir, console) if resume else None
     if resume and point is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}, starting from step 0[/yellow]")
+    if point is None:
+        clear_run(run_dir, overwrite or resume)
     if point is not None and (run_dir / "config.yaml").exists():  # checked before anything in run_dir is touched
         check_resume_config(load_config(run_dir / "config.yaml"), cfg, run_dir / "config.yaml")
     ckpt, model, tok, state = point or (None, *get_model(cfg.init or cfg.model, seed=cfg.seed), {})
@@ -113,8 +119,6 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
     samples_path = run_dir / "samples.jsonl"
     if ckpt is not None:
         truncate_after(samples_path, start)
-    elif samples_path.exists():
-        samples_path.unlink()
     B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
     hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
               is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
@@ -255,6 +259,25 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console) -> 
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     return TrainResult(run_dir, t.steps, first.get("eval/accuracy"), last.get("eval/accuracy"),
                        time.perf_counter() - t_start, first.get("eval/mean_length"), last.get("eval/mean_length"))
+
+
+def clear_run(run_dir: Path, allowed: bool) -> None:
+    """Make `run_dir` ready for a run from step 0: an earlier run's files (metrics, samples, TensorBoard events,
+    checkpoints, curves) are deleted when `allowed`, else UserError; so no file of the new run mixes with the old."""
+    old = [run_dir / n for n in ("metrics.jsonl", "samples.jsonl", "tb", "checkpoints", "curves.png")]
+    old = [p for p in old if p.exists()]
+    if not old:
+        return
+    if not allowed:
+        ckpts = len(list_checkpoints(run_dir))
+        raise UserError(f"{run_dir}: holds an earlier run ({ckpts} checkpoint(s), {', '.join(p.name for p in old)}); "
+                        "--resume continues it, --overwrite starts it over (deleting those), or choose another "
+                        "name=...")
+    for p in old:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def resume_point(run_dir: Path, console: Console) -> tuple[Path, object, object, dict] | None:

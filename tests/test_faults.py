@@ -307,3 +307,19 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path):
         cmd = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", " ".join(map(shlex.quote, cmd))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     _one_line_error(r, str(locked / "x"), "Permission denied", "check the file's permissions")
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_one(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_cfg(tmp_path, "again", "train.steps=2", "train.eval_every=0"), show_progress=False)
+    r = _cli("train", f"out_dir={tmp_path}", "name=again", *TINY, "train.steps=1", "train.eval_every=0")
+    _one_line_error(r, "holds an earlier run (2 checkpoint(s)", "--resume continues it", "--overwrite")
+    assert [p.name for p in list_checkpoints(tmp_path / "again")] == ["step_000001", "step_000002"]  # untouched
+    train(_cfg(tmp_path, "again", "train.steps=1", "train.eval_every=0"), show_progress=False, overwrite=True)
+    run = tmp_path / "again"
+    assert [p.name for p in list_checkpoints(run)] == ["step_000001"]
+    assert _steps(read_metrics(run / "metrics.jsonl"), "reward/mean") == [1]
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1]  # no event of the earlier run left in tb/

@@ -50,7 +50,7 @@ def run(args) -> int:
     rl_cfg = replace(base, name="quickstart" if base.name == "run" else base.name, init=str(cold))
     console.rule(f"RL: {rl_cfg.algo.loss}, N={rl_cfg.train.n_minibatches}, engine {rl_cfg.engine.numerics}, "
                  f"trainer {rl_cfg.train.dtype}, {rl_cfg.train.steps} steps")
-    res = train(rl_cfg, show_progress=not args.no_progress, console=console)
+    res = train(rl_cfg, show_progress=not args.no_progress, console=console, overwrite=True)  # a demo: rerun = redo
     wall = time.perf_counter() - t0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     summary = {"cold_start_accuracy": res.initial_accuracy, "final_accuracy": res.final_accuracy,
