@@ -156,6 +156,22 @@ class RunLock:
             self.fh.close()  # closing releases the lock; the file stays (removing it would race a new owner)
             self.fh = None
 
+    @staticmethod
+    def held(run_dir: str | Path) -> bool:
+        """Another process holds the lock of `run_dir`: a run is writing there right now."""
+        import fcntl
+
+        path = Path(run_dir) / ".lock"
+        if not path.exists():
+            return False
+        with path.open("a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
 
 # Keys a resumed run may change: when to log, evaluate, probe and save, and how long a reward may take. Everything
 # else defines the run (its math, data, model, schedule), and a resumed run that changed it would be a different run.
@@ -174,14 +190,22 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_changes(saved: dict, new: dict, allowed: frozenset[str] = RESUMABLE,
+                   within: tuple[str, ...] = ()) -> list[str]:
+    """'key (was a, now b)' for every key of two nested config dicts that differs, but the `allowed` ones (and, with
+    `within`, those outside these prefixes). Used by --resume and by the study executor."""
+    a, b = flatten(saved), flatten(new)
+    return [f"{k} (was {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in allowed and (not within or k.startswith(within))]
+
+
 def check_resume_config(saved, new, saved_path: Path) -> None:
     """Refuse a resume whose config changes anything but the RESUMABLE keys, naming the keys and both values.
     `train.steps` may grow or shrink only under a constant learning rate (the cosine schedule depends on it)."""
-    a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(new))
     allowed = RESUMABLE | ({"train.steps"} if new.train.lr_schedule == "constant" else set())
-    changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in allowed]
+    changed = config_changes(dataclasses.asdict(saved), dataclasses.asdict(new), allowed)
     if changed:
-        diffs = ", ".join(f"{k} (was {a.get(k)!r}, now {b.get(k)!r})" for k in changed[:3])
+        diffs = ", ".join(changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(f"--resume: the config differs from {saved_path} in {diffs}{more}; a resumed run must keep "
                         f"them (resumable changes: {', '.join(sorted(allowed))}): drop those overrides, or start a "

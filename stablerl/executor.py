@@ -65,31 +65,13 @@ SFT_KEYS = ("sft.", "task.", "model", "seed", "device", "engine.max_new_tokens")
 def config_diff(saved: dict, expected: Config, kind: str = "train") -> str | None:
     """'key (was a, now b)' for the first keys that differ, outside those a resume may change (and, for a cold
     start, outside those SFT reads), or None."""
-    from stablerl.checkpoint import RESUMABLE, flatten
+    from stablerl.checkpoint import config_changes
 
-    a, b = flatten(saved), flatten(yaml.safe_load(to_yaml(expected)))
-    changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in RESUMABLE
-               and (kind != "sft" or k.startswith(SFT_KEYS))]
+    changed = config_changes(saved, yaml.safe_load(to_yaml(expected)), within=SFT_KEYS if kind == "sft" else ())
     if not changed:
         return None
     more = f" and {len(changed) - 2} more" if len(changed) > 2 else ""
-    return ", ".join(f"{k} (was {a.get(k)!r}, now {b.get(k)!r})" for k in changed[:2]) + more
-
-
-def _locked(run_dir: Path) -> bool:
-    """Another process holds the run's lock (stablerl.checkpoint.RunLock): it is running right now."""
-    import fcntl
-
-    path = run_dir / ".lock"
-    if not path.exists():
-        return False
-    with path.open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
+    return ", ".join(changed[:2]) + more
 
 
 def plan_run(run: Run) -> Plan:
@@ -98,10 +80,12 @@ def plan_run(run: Run) -> Plan:
     retried), or when its metrics.jsonl already holds a row for step train.steps (or ends in an abort) even if the
     summary was never written. Unfinished with a checkpoint: resume; unfinished without one: fresh. A cold start
     (sft) is finished when sft.json and model/config.json exist, else it restarts (SFT has no resume)."""
+    from stablerl.checkpoint import RunLock, latest_checkpoint
+
     d = run.run_dir
     if not d.exists():
         return Plan(run, "fresh", "new")
-    if _locked(d):
+    if RunLock.held(d):
         return Plan(run, "busy", f"in use by another process ({d / '.lock'})")
     if (d / "config.yaml").exists():
         try:
@@ -123,8 +107,6 @@ def plan_run(run: Run) -> Plan:
             pass
     if status in ("done", "aborted"):
         return Plan(run, "skip", "finished" if status == "done" else f"aborted at step {done} (NaN guard)", done)
-    from stablerl.checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(d)
     if ckpt is not None:
         return Plan(run, "resume", f"interrupted at step {done}: resumes from {ckpt.name}", done)
