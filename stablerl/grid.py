@@ -302,6 +302,9 @@ def expand(study: Study, out: str | Path, extra: list[str] | tuple[str, ...] = (
         base = load_config(study.base)
     except ConfigError as e:
         raise ConfigError(f"{where}base: {e}") from None
+    # Cold starts take the command line's overrides but not the study's: those are the RL recipe (learning rate,
+    # steps, engine numerics), and a cold start built once must stay valid when the recipe is recalibrated.
+    cold_base = _checked(base, list(extra), "", "command-line overrides")
     base = _checked(base, list(study.overrides), study.lines.get(("overrides",), where), "overrides")
     base = _checked(base, list(extra), "", "command-line overrides")
     common = [*study.overrides, *extra]
@@ -312,8 +315,8 @@ def expand(study: Study, out: str | Path, extra: list[str] | tuple[str, ...] = (
     for c in needed:
         name = f"{study.name}/cold/{c}"
         ov = [*study.cold_starts[c], f"out_dir={root}", f"name={name}"]
-        cfg = _checked(base, ov, study.lines.get(("cold_starts", c), where), f"cold start '{c}'")
-        runs.append(Run(name, "sft", c, cfg.seed, _args("sft", study, [*common, *ov]), cfg))
+        cfg = _checked(cold_base, ov, study.lines.get(("cold_starts", c), where), f"cold start '{c}'")
+        runs.append(Run(name, "sft", c, cfg.seed, _args("sft", study, [*extra, *ov]), cfg))
     for n in chosen:
         cell = study.cells[n]
         cold = None if cell.init is None else f"{study.name}/cold/{cell.init}"

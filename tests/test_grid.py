@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from stablerl.cli import main
-from stablerl.config import ConfigError, save_config
+from stablerl.config import ConfigError, load_config, save_config
 from stablerl.errors import UserError
 from stablerl.executor import Plan, estimate_seconds, plan_run, plan_workers
 from stablerl.grid import STUDIES, Estimate, expand, load_study
@@ -54,6 +54,8 @@ def test_expand_gives_one_checked_run_per_cell_and_seed(tmp_path):
                                                             for s in (0, 1, 2)]
     cold, *cells = runs
     assert cold.kind == "sft" and cold.config.sft.style == "short" and cold.args[:2] == ("sft", "--no-progress")
+    # a cold start does not take the study's RL recipe (train.steps=4), so recalibrating it keeps the cold starts
+    assert cold.config.train.steps == load_config(None).train.steps and "train.steps=4" not in cold.args
     assert all(r.run_dir == tmp_path / "out" / r.name for r in runs)
     assert [r.config.seed for r in cells] == [0, 1, 2] * 3
     assert all(r.config.train.steps == 4 for r in cells)
