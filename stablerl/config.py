@@ -77,6 +77,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # abort after this many NaN/Inf steps in a row
     samples_per_eval: int = 4  # prompts/completions written to samples.jsonl at each eval
+    # early warning (stablerl.warning): rules '<metric><op><threshold>', e.g. kl/k3>0.01, route/cross_step/mean<0.97;
+    # one warning per excursion, printed and logged as warn/<metric>; which signals lead collapse: docs/results
+    warn_on: tuple[str, ...] = ()
+    on_warning: Literal["continue", "checkpoint", "stop"] = "continue"  # checkpoint / stop (after a checkpoint)
+    cross_step_rows: int = 64  # rows whose routing θ_{t-1} vs θ_t is compared each step (MoE; 0 = off)
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,7 @@ def _merge(dst: dict, src: dict) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot work fail before any compute is spent."""
     from stablerl.algorithm import LOSSES, make_hp
+    from stablerl.warning import Rule
 
     if cfg.algo.loss not in LOSSES:
         close = difflib.get_close_matches(cfg.algo.loss, list(LOSSES), n=1)
@@ -348,6 +354,13 @@ def validate(cfg: Config) -> None:
                 is_high=a.is_high, max_tokens=cfg.engine.max_new_tokens)
     except ValueError as e:
         raise ConfigError(f"algo.{e}") from None
+    for rule in t.warn_on:
+        try:
+            Rule.parse(rule)
+        except ValueError as e:
+            raise ConfigError(f"train.warn_on: {e}") from None
+    if t.cross_step_rows < 0:
+        raise ConfigError(f"train.cross_step_rows: got {t.cross_step_rows}, expected >= 0 (0 = off)")
     if t.lr <= 0 or cfg.sft.lr <= 0:
         raise ConfigError("train.lr / sft.lr: expected > 0")
     if cfg.task.system_prompt is not None and not cfg.task.chat_template:

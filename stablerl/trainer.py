@@ -37,6 +37,7 @@ from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, se
 from stablerl.sft import lr_at
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
+from stablerl.warning import Watch
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     lp_args = dict(**sampling, chunk=t.logit_chunk, checkpoint=t.activation_checkpointing)
     truncated = e.top_p < 1 or e.top_k > 0
     bad_in_row = state.get("bad_in_row", 0)
+    watch = Watch.of(t.warn_on)
+    done = start
     t_start = time.perf_counter()
 
     def run_eval(step: int) -> dict[str, float]:
@@ -213,6 +216,14 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             measure_old = routes_old if a.replay == "none" else None  # replayed routes agree by construction
             update = Update(model, packed, logp_old, logp_infer, adv, replay, measure_old, tok_mask, a.loss, hp,
                             lp_args, truncated, autocast)
+            # Cross-step routing (θ_{t-1} vs θ_t, the router's own choice, same tokens): the routing flip that preceded
+            # the quickstart's step-31 collapse (docs/log.md 2026-12-01). On a random subset of rows: two no-grad
+            # forwards without the LM head, a few % of a step.
+            cross = None
+            if model.is_moe and t.cross_step_rows:
+                sub = RouteProbe.of(packed, order.flatten()[: t.cross_step_rows].to(device))
+                with autocast():
+                    cross = (sub, expert_routes(model, sub))
             for j, mb in enumerate(batches):
                 if not mb.micro:
                     continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
@@ -228,6 +239,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
                 opt.zero_grad(set_to_none=True)
                 mb_stats.append(st | {"grad/norm": float(gnorm)})
             timing["time/updates"] = time.perf_counter() - t0
+            if cross is not None:  # θ_t's routes of the rows θ_{t-1} routed before the updates
+                with autocast():
+                    now = expert_routes(model, cross[0])
+                m |= diag.routing_agreement(cross[1], now, cross[0].mask_seq, "route/cross_step")
             m |= _mean_dicts(mb_stats)
             m["guard/skipped_minibatches"] = skipped
             if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
@@ -248,16 +263,27 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             done = step + 1
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 m |= run_eval(done)
+            fired = watch.check(m)
+            for rule in fired:  # early warning (stablerl.warning): printed, logged, acted on
+                m[f"warn/{rule.signal}"] = m[rule.signal]
+                console.print(f"[yellow]warning at step {done}: {rule.signal} = {m[rule.signal]:.4g} "
+                              f"({rule}); train.on_warning={t.on_warning}[/yellow]")
+            stop = bool(fired) and t.on_warning == "stop"
             writer.log(done, m)
-            if (t.save_every and done % t.save_every == 0) or done == t.steps:
+            if ((t.save_every and done % t.save_every == 0) or done == t.steps
+                    or (fired and t.on_warning in ("checkpoint", "stop"))):
                 save_checkpoint(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints)
             progress.update(bar, advance=1, info=_line(m))
+            if stop:
+                console.print(f"[yellow]stopped at step {done} by train.on_warning=stop; the checkpoint of step "
+                              f"{done} is in {run_dir / 'checkpoints'}[/yellow]")
+                break
     writer.close()
     plot_run_quietly(run_dir, console.print)
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    return TrainResult(run_dir, t.steps, first.get("eval/accuracy"), last.get("eval/accuracy"),
+    return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"),
                        time.perf_counter() - t_start, first.get("eval/mean_length"), last.get("eval/mean_length"))
 
 
@@ -293,6 +319,25 @@ def resume_point(run_dir: Path, console: Console) -> tuple[Path, object, object,
         raise UserError(f"--resume: none of the {len(found)} checkpoints in {run_dir / 'checkpoints'} loads (see the "
                         "warnings above); start a new run with another name=...")
     return None
+
+
+@dataclass(frozen=True)
+class RouteProbe:
+    """Rows of the batch whose expert choices are compared across steps."""
+
+    ids: torch.Tensor  # (n, S)
+    mask_seq: torch.Tensor  # (n, S) real tokens
+
+    @classmethod
+    def of(cls, packed: Packed, rows: torch.Tensor) -> RouteProbe:
+        sub = select(packed, rows)
+        return cls(sub.ids, seq_token_mask(sub))
+
+
+@torch.no_grad()
+def expert_routes(model, probe: RouteProbe) -> torch.Tensor:
+    """(n, S, L, K) the experts the model's own routers choose for the probe's tokens (no LM head)."""
+    return model(probe.ids, logits=False).routes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,72 @@
+"""Early warning of collapse: threshold rules on a run's logged signals.
+
+The paper explains collapse by the first-order approximation failing once the training–inference discrepancy or
+the policy staleness grows (E3, E9). The signals that measure them are logged every step (kl/k3, entropy/mean,
+is/weight_max, clip/frac, route/infer_vs_train/mean, route/cross_step/mean, fidelity/cos). A rule such as
+`kl/k3>0.01` watches one of them; the trainer evaluates its rules every step (`train.warn_on`) and acts on the
+first crossing (`train.on_warning`). Which signal leads collapse, by how much, and how often it cries wolf is
+measured over a study's runs by `stablerl.leadtime`, not assumed here.
+
+No torch here: rules are plain data, tested on plain floats.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+RULE = re.compile(r"^\s*([A-Za-z0-9_/.\-]+)\s*(<|>)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`signal > threshold` (or `<`): true on the steps where the logged signal lies beyond the threshold."""
+
+    signal: str
+    op: str  # ">" or "<"
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        m = RULE.match(text)
+        if not m:
+            raise ValueError(f"bad warning rule {text!r}: expected <metric><op><number> with op '>' or '<', e.g. "
+                             "'kl/k3>0.01' or 'route/cross_step/mean<0.97'")
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            raise ValueError(f"bad warning rule {text!r}: {m.group(3)!r} is not a number") from None
+        return cls(m.group(1), m.group(2), value)
+
+    def beyond(self, value: float | None) -> bool:
+        """The signal is on the alarming side. A missing or non-finite value is not (NaN is the abort guard's)."""
+        if value is None or not math.isfinite(value):
+            return False
+        return value > self.threshold if self.op == ">" else value < self.threshold
+
+    def __str__(self) -> str:
+        return f"{self.signal}{self.op}{self.threshold:g}"
+
+
+@dataclass
+class Watch:
+    """The trainer's view of its rules: `check(metrics)` returns the rules that crossed at this step. A rule fires
+    on the step its signal goes beyond the threshold and again only after it has come back: one warning per
+    excursion, not one per step of a long one."""
+
+    rules: tuple[Rule, ...]
+    beyond: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, texts: tuple[str, ...] | list[str]) -> Watch:
+        return cls(tuple(Rule.parse(t) for t in texts))
+
+    def check(self, metrics: dict) -> list[Rule]:
+        fired = []
+        for r in self.rules:
+            now = r.beyond(metrics.get(r.signal))
+            if now and not self.beyond.get(str(r), False):
+                fired.append(r)
+            self.beyond[str(r)] = now
+        return fired
