@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_trainer import TINY
 
 from stablerl.checkpoint import list_checkpoints
 from stablerl.config import ConfigError, load_config
@@ -11,7 +12,6 @@ from stablerl.model import PRESETS, build_model
 from stablerl.sequences import pack
 from stablerl.trainer import RouteProbe, expert_routes, train
 from stablerl.warning import Rule, Watch
-from test_trainer import TINY
 
 
 def test_cross_step_routing_sees_a_constructed_flip():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stablerl.errors import UserError
 from stablerl.grid import Study, finding_roles, load_study
+from stablerl.leadtime import Curve, markdown, rank_signals
 from stablerl.metrics import read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
 from stablerl.report import collapse_rule, summarize_run
@@ -139,8 +140,9 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
     study = load_study(study_path) if study_path else found_study
     rule = collapse_rule(study.collapse if study else {})
     by_cell: dict[str, list[dict]] = {}  # recomputed from the files, so that the rule applies to old runs too
-    for f in runs:
-        by_cell.setdefault(f.cell, []).append({**summarize_run(f.run_dir, rule), "cell": f.cell, "run": f.label})
+    summaries = [{**summarize_run(f.run_dir, rule), "cell": f.cell, "run": f.label} for f in runs]
+    for f, s in zip(runs, summaries):
+        by_cell.setdefault(f.cell, []).append(s)
     order = [c for c in (study.cells if study else []) if c in by_cell] + [c for c in by_cell
                                                                             if not study or c not in study.cells]
     expected = len(study.seeds) if study else 0
@@ -195,6 +197,8 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
             s = json.loads((d / "sft.json").read_text()) if (d / "sft.json").exists() else {}
             md.append(f"| {d.name} | {s.get('style', '-')} | {100 * s.get('heldout_accuracy', math.nan):.1f}% |")
         md.append("")
+    md += early_warning([Curve(s["run"], s["collapse"]["step"] if s["collapse"]["collapsed"] else None,
+                               read_metrics(f.run_dir / "metrics.jsonl")) for f, s in zip(runs, summaries)])
     md += ["## Runs", "", "| run | status | steps | initial acc % | final acc % | collapse |",
            "|---|---|---|---|---|---|"]
     for s in done:
@@ -211,6 +215,18 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
     tmp.write_text("\n".join(md) + "\n")
     tmp.replace(path)
     return path
+
+
+def early_warning(curves: list[Curve]) -> list[str]:
+    """The report's early-warning section (stablerl.leadtime): which signal crossed a threshold before the collapse
+    rule fired, how many steps before, and how often on runs that did not collapse; empty without any collapse."""
+    if not any(c.collapse_step is not None for c in curves):
+        return []
+    return ["## Early warning", "", "Each signal's threshold rule is chosen on half of the runs (Youden's J: share of "
+            "collapsed runs it fires on at or before their collapse step minus share of stable runs it fires on) "
+            "and scored on the other half. Lead = collapse step - first alarm; the collapse step lags the first bad "
+            "step by up to the rule's smoothing window. A rule found here can be used live: "
+            "`train.warn_on=[<rule>]` (docs/metrics.md).", "", markdown(rank_signals(curves), curves)]
 
 
 def _groups(name: str, roles: dict, cells: list[str]) -> list[tuple[str, list[str]]]:
