@@ -249,3 +249,44 @@ def test_report_never_imports_the_trainer(tmp_path):
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+PHASE = """\
+name: phase
+seeds: [0, 1, 2]
+cells: {}
+sweeps:
+  grid:
+    axes:
+      numerics: {bf16: [engine.numerics=bf16], fp8: [engine.numerics=fp8]}
+      N: {N1: [], N4: [train.n_minibatches=4]}
+      replay: {none: [], R3: [algo.replay=R3]}
+"""
+
+
+def test_phase_diagram_heat_maps_with_measured_axes(tmp_path):
+    # fp8 x N4 without replay collapses in 2 of 3 seeds; everything else is stable. k3 of the fp8 row is 10x bf16's.
+    d = tmp_path / "out" / "phase"
+    d.mkdir(parents=True)
+    (d / "study.yaml").write_text(PHASE)
+    for num in ("bf16", "fp8"):
+        for n in ("N1", "N4"):
+            for rep in ("none", "R3"):
+                for s in range(3):
+                    bad = (num, n, rep) == ("fp8", "N4", "none") and s < 2
+                    run = d / f"grid_{num}_{n}_{rep}" / f"seed{s}"
+                    write_run(run, COLLAPSE if bad else RISE, {0: 0.3, 60: 0.2 if bad else 0.9}, seed=s)
+                    k3 = 1e-3 if num == "fp8" else 1e-4
+                    st = 1.5 if n == "N4" else 1.0
+                    rows_ = [{**r, "kl/k3": k3, "is/staleness_max": st} if "reward/mean" in r else r
+                             for r in rows(COLLAPSE if bad else RISE, {0: 0.3, 60: 0.2 if bad else 0.9})]
+                    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    md = write_report([d], tmp_path / "rep").read_text()
+    assert "## Phase diagram: grid" in md and "![phase diagram grid](phase_grid.png)" in md
+    # measured axes: max(|log 1.5|, |log 0.9|) = 0.405 at N4, |log 0.9| = 0.105 at N1
+    assert "| replay=none: collapsed k/n (final acc %) | N1 (\\|log r\\| 0.105) | N4 (\\|log r\\| 0.405) |" in md
+    assert "| fp8 (k3 1.0e-03) | 0/3 (90.0) | 2/3 (43.3) |" in md
+    assert "| bf16 (k3 1.0e-04) | 0/3 (90.0) | 0/3 (90.0) |" in md
+    assert "| replay=R3: collapsed k/n (final acc %) | N1" in md
+    assert (tmp_path / "rep" / "phase_grid.png").read_bytes().startswith(PNG)
+    assert "## Other cells" not in md  # the sweep's cells are drawn as the phase diagram, not as curves

@@ -184,6 +184,10 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
             png = plot_cells(out / f"{_slug(title)}.png", title, {c: rows[c] for c in group if c in rows})
             md += [f"![{title}]({png.name})", ""] if png else []
         plotted |= set(cells)
+    if study is not None:
+        md += phase_maps(study, stats, out)
+        plotted |= {c.name for c in study.cells.values() if c.sweep and all(a in study.sweeps[c.sweep]
+                                                                               for a in PHASE_AXES)}
     rest = [c for c in order if c not in plotted]
     if rest:
         md += ["## Cells" if not verdicts else "## Other cells", "", *cell_table([stats[c] for c in rest]), ""]
@@ -215,6 +219,69 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
     tmp.write_text("\n".join(md) + "\n")
     tmp.replace(path)
     return path
+
+
+PHASE_AXES = ("numerics", "N")  # a sweep with both axes is drawn as heat maps (issue 17's phase diagram)
+
+
+def phase_maps(study: Study, stats: dict[str, CellStats], out: Path) -> list[str]:
+    """For each sweep over engine numerics x N: per value of its other axes (e.g. replay none / R3), a heat map of the
+    collapse rate and one of the mean final accuracy. Row and column labels carry the mean k3 and the mean staleness
+    max |log r| measured in them: the discrepancy and staleness as they were, not as configured."""
+    md = []
+    for sweep, axes in study.sweeps.items():
+        if not all(a in axes for a in PHASE_AXES):
+            continue
+        rows_, cols = axes["numerics"], axes["N"]
+        rest = [a for a in axes if a not in PHASE_AXES]
+        cells = {tuple(dict(c.axes)[a] for a in ("numerics", "N", *rest)): stats.get(c.name) or CellStats(c.name)
+                 for c in study.cells.values() if c.sweep == sweep}
+        others = sorted({k[2:] for k in cells}, key=lambda k: [list(axes[a]).index(v) for a, v in zip(rest, k)])
+        fig, axs = panel_axes(2 * len(others), 4.4, 3.6)
+        md += [f"## Phase diagram: {sweep}", "", "Engine numerics (the training–inference discrepancy, rows) x "
+               "N mini-batches per step (staleness, columns), each cell the mean over its seeds. Labels: the mean k3 "
+               "of a row and the mean max |log r| of a column, as measured.", ""]
+        for i, other in enumerate(others):
+            grid = [[cells.get((r, c, *other)) or CellStats("") for c in cols] for r in rows_]
+            k3 = [_nanmean([g.mean("kl_k3_mean") for g in row]) for row in grid]
+            st = [_nanmean([grid[j][i_].mean("staleness_abs_log_max_mean") for j in range(len(rows_))])
+                  for i_ in range(len(cols))]
+            label = ", ".join(f"{a}={v}" for a, v in zip(rest, other)) or sweep
+            for ax, (what, key, fmt) in zip(axs[2 * i: 2 * i + 2], (("collapse rate", None, "{:.0%}"),
+                                                                     ("final accuracy", "final_accuracy", "{:.0%}"))):
+                vals = [[g.rate if key is None and g.n else g.mean(key) if key else math.nan for g in row]
+                        for row in grid]
+                im = ax.imshow(vals, cmap="RdYlGn_r" if key is None else "RdYlGn", vmin=0, vmax=1, aspect="auto")
+                for r, row in enumerate(vals):
+                    for c, v in enumerate(row):
+                        text = "–" if math.isnan(v) else fmt.format(v) + (f"\n({grid[r][c].collapsed}/"
+                                                                          f"{grid[r][c].n})" if key is None else "")
+                        ax.text(c, r, text, ha="center", va="center", fontsize=7)
+                ax.set_xticks(range(len(cols)), [f"{c}\n|log r| {_fmt(s)}" for c, s in zip(cols, st)], fontsize=7)
+                ax.set_yticks(range(len(rows_)), [f"{r}\nk3 {_fmt(k)}" for r, k in zip(rows_, k3)], fontsize=7)
+                ax.set_title(f"{what} ({label})", fontsize=9)
+                ax.figure.colorbar(im, ax=ax, shrink=0.8)
+            md += [f"| {label}: collapsed k/n (final acc %) | " + " | ".join(
+                       f"{c} (\\|log r\\| {_fmt(x)})" for c, x in zip(cols, st)) + " |", "|---|" + "---|" * len(cols)]
+            md += [f"| {r} (k3 {_fmt(k)}) | " + " | ".join(f"{g.collapsed}/{g.n} ({_pct(g.mean('final_accuracy'))})"
+                                            for g in row) + " |" for r, k, row in zip(rows_, k3, grid)]
+            md.append("")
+        png = save_png(fig, out / f"phase_{_slug(sweep)}.png", dpi=100)
+        md += [f"![phase diagram {sweep}]({png.name})", ""]
+    return md
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _fmt(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.1e}" if abs(x) < 0.01 else f"{x:.3f}"
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.1f}"
 
 
 def early_warning(curves: list[Curve]) -> list[str]:
