@@ -382,8 +382,10 @@ def first_order_gradients(
     mask: torch.Tensor,
     params: Iterable[torch.Tensor],
     retain_graph: bool = False,
+    log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E9 ascent directions -> (g_seq, g_tok), each (P,) flattened over `params` in order.
+    """E9 ascent directions -> (g_seq, g_tok), each (P,) flattened over `params` in order. `log_scale`: log of the
+    constant W is divided by (default max_i log W_i); ranks that sum their rows' parts pass the global max.
 
     g_seq = Σ_i W_i · Â_i · Σ_t ∇log π_i,t with W_i = Π_t π/μ (E1), divided by max_i W_i (see below).
     g_tok = Σ_i Σ_t w_i,t · Â_i · ∇log π_i,t with w = π/μ (E2), unscaled. Two backward passes.
@@ -398,7 +400,7 @@ def first_order_gradients(
     # W_i = exp(Σ_t log w) overflows (or underflows to 0) for long responses; stay in log space and divide
     # every W_i by max_i W_i. That rescales g_seq by one positive constant, and cos(g_seq, g_tok) is
     # scale-invariant, so the fidelity is unchanged; only g_seq's norm loses meaning.
-    seq_w = (log_seq_w - log_seq_w.max()).exp()  # (N,) in (0, 1]
+    seq_w = (log_seq_w - (log_seq_w.max() if log_scale is None else log_scale)).exp()  # (N,) in (0, 1]
     adv = adv.detach().to(dtype)
     # surrogate scalars whose gradients are the estimators; the weights are constants (sg) in both
     j_seq = (seq_w * adv * logp.sum(dim=1)).sum()

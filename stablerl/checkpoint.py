@@ -7,7 +7,9 @@ checkpoint from someone else cannot run code. A checkpoint directory is built un
 into place in one `os.replace`, so a crash (even SIGKILL) leaves either no directory for that step or a complete
 one, and a failed write (disk full) removes its partial directory and leaves the earlier checkpoints as they were.
 The trainer draws every random number from generators seeded by (seed, step), so weights + optimizer + step are the
-whole state to restore.
+whole state to restore. A distributed run (stablerl.distributed) writes the same directory, with its optimizer state
+in `optim/` through torch.distributed.checkpoint (one file per rank) instead of optimizer.safetensors; DCP's
+`.metadata` file is a pickle, so resume only such checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from stablerl.errors import UserError, describe_os_error, one_line
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "optimizer.safetensors"
+OPTIM_DCP = "optim"  # a distributed run's optimizer state: torch.distributed.checkpoint, one file per rank
 LEGACY_STATE = "trainer_state.pt"  # before 2026-12-02: torch.save; read with weights_only=True only
 
 
@@ -60,23 +63,32 @@ def _unflatten_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, extra: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, extra: dict, keep: int,
+                    sharded_optimizer: Path | None = None) -> Path:
     """Write `checkpoints/step_<step>` atomically; `extra` (JSON-able) is returned by `load_trainer_state`.
-    A failed write raises CheckpointError naming the directory and leaves no partial directory behind."""
+    A failed write raises CheckpointError naming the directory and leaves no partial directory behind.
+    `sharded_optimizer`: a directory the ranks of a distributed run wrote their optimizer state to (DCP,
+    stablerl.distributed); it becomes `<checkpoint>/optim` inside the same atomic rename, and `optimizer` is None."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.partial"  # hidden from list_checkpoints; a crash's leftover is replaced
     try:
         root.mkdir(parents=True, exist_ok=True)
         model.save(tmp, tokenizer=tokenizer)  # the checkpoint dir itself is an HF model dir (written atomically)
-        meta, tensors = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        if sharded_optimizer is not None:
+            os.replace(sharded_optimizer, tmp / OPTIM_DCP)
+            meta = None
+        else:
+            meta, tensors = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps({"format": 1, "step": step, "optimizer": meta, "extra": extra}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except (OSError, SafetensorError, UserError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if sharded_optimizer is not None:
+            shutil.rmtree(sharded_optimizer, ignore_errors=True)
         prev = [p.name for p in list_checkpoints(run_dir)]
         kept = f"earlier checkpoints are intact ({prev[-1]} is the latest)" if prev else "no earlier checkpoint exists"
         why = one_line(e) if isinstance(e, UserError) else describe_os_error(e, "cannot write the checkpoint", tmp)
@@ -101,7 +113,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    """{"step", "optimizer" (a state_dict), **extra} of a checkpoint; CheckpointError if it is unreadable."""
+    """{"step", "optimizer" (a state_dict), **extra} of a checkpoint; CheckpointError if it is unreadable. A
+    distributed run's checkpoint has "optimizer" None and "optimizer_dir", its DCP directory, instead."""
     ckpt = Path(ckpt)
     path = ckpt / STATE_JSON
     try:
@@ -110,6 +123,11 @@ def load_trainer_state(ckpt: Path) -> dict:
             # weights_only: tensors, containers and numbers only; a pickled object that would run code is refused
             return torch.load(path, weights_only=True, map_location="cpu")
         meta = json.loads(path.read_text())
+        if meta["optimizer"] is None:
+            if not (ckpt / OPTIM_DCP).is_dir():
+                raise FileNotFoundError(f"no {OPTIM_DCP}/ beside it")
+            return {"step": int(meta["step"]), "optimizer": None, "optimizer_dir": ckpt / OPTIM_DCP,
+                    **meta.get("extra", {})}
         tensors = load_file(str(ckpt / STATE_TENSORS)) if meta["optimizer"]["state"] else {}
         return {"step": int(meta["step"]), "optimizer": _unflatten_optimizer(meta["optimizer"], tensors),
                 **meta.get("extra", {})}
@@ -177,7 +195,8 @@ class RunLock:
 # else defines the run (its math, data, model, schedule), and a resumed run that changed it would be a different run.
 RESUMABLE = frozenset({"out_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                        "train.fidelity_every", "train.samples_per_eval", "train.max_bad_steps", "task.reward_timeout",
-                       "train.warn_on", "train.on_warning", "train.cross_step_rows"})  # logging and monitoring only
+                       "train.warn_on", "train.on_warning", "train.cross_step_rows",
+                       "train.dist_timeout"})  # logging and monitoring only
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -82,6 +82,10 @@ class TrainConfig:
     warn_on: tuple[str, ...] = ()
     on_warning: Literal["continue", "checkpoint", "stop"] = "continue"  # checkpoint / stop (after a checkpoint)
     cross_step_rows: int = 64  # rows whose routing θ_{t-1} vs θ_t is compared each step (MoE; 0 = off)
+    # under torchrun (stablerl train --nproc P): DDP replicates the weights, FSDP2 shards them (and the Adam state)
+    # per decoder layer; same updates either way (docs/scaling.md). Ignored by a single process.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before the job stops (> any eval)
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.warn_on: {e}") from None
     if t.cross_step_rows < 0:
         raise ConfigError(f"train.cross_step_rows: got {t.cross_step_rows}, expected >= 0 (0 = off)")
+    if t.dist_timeout <= 0:
+        raise ConfigError(f"train.dist_timeout: got {t.dist_timeout}, expected > 0 seconds")
     if t.lr <= 0 or cfg.sft.lr <= 0:
         raise ConfigError("train.lr / sft.lr: expected > 0")
     if cfg.task.system_prompt is not None and not cfg.task.chat_template:

@@ -17,6 +17,8 @@ fp32 when read, P rounded before P·V), as FlashAttention-style kernels do. Rout
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,8 +230,15 @@ class InferenceModel(nn.Module):
     activation dtype exactly (fp32) gives bitwise the same results, which tests/test_engine.py checks.
     """
 
-    def __init__(self, model: Transformer, numerics: str, cache_dtype: torch.dtype | None = None):
+    def __init__(self, model: Transformer, numerics: str, cache_dtype: torch.dtype | None = None,
+                 gather: Callable[[nn.Module], AbstractContextManager] = nullcontext):
+        """`gather(module)`: a context in which `module`'s own parameters are whole, for a sharded (FSDP) model; it
+        is entered for the model (embeddings, final norm, LM head), then for one decoder layer at a time."""
         super().__init__()
+        with gather(model):
+            self._copy(model, numerics, cache_dtype, gather)
+
+    def _copy(self, model: Transformer, numerics: str, cache_dtype: torch.dtype | None, gather) -> None:
         cfg: ModelConfig = model.config
         self.cfg, self.numerics, self.dtype = cfg, numerics, NUMERICS[numerics]
         self.cache_dtype = self.dtype if cache_dtype is None else cache_dtype
@@ -242,28 +251,9 @@ class InferenceModel(nn.Module):
         src = model.model
         self.embed = src.embed_tokens.weight.detach().to(dt).clone()  # (V, H)
         self.layers = []
-        for blk in src.layers:
-            a = blk.self_attn
-            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            lay = {"ln1": blk.input_layernorm.weight.detach().to(dt).clone(),
-                   "ln2": blk.post_attention_layernorm.weight.detach().to(dt).clone(),
-                   "qkv": make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias, numerics,
-                                      em),
-                   "o": make_linear(a.o_proj.weight, a.o_proj.bias, numerics, em)}
-            if cfg.qk_norm:  # one weight row per q head then per k head: (nh + nkv, D)
-                lay["qk_norm"] = torch.cat([a.q_norm.weight.detach().expand(self.nh, -1),
-                                            a.k_norm.weight.detach().expand(self.nkv, -1)]).to(dt).clone()
-            m = blk.mlp
-            if blk.is_moe:
-                # The router stays in the activation dtype even under fp8, as fp8 serving stacks keep it.
-                lay["router"] = CastLinear(m.gate.weight, None, dt, em)
-                lay["experts"] = Experts(m.experts, numerics, em)
-                lay["k"], lay["norm_topk"] = m.k, m.norm_topk
-            else:
-                gb = None if m.gate_proj.bias is None else torch.cat([m.gate_proj.bias, m.up_proj.bias])
-                lay["gate_up"] = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gb, numerics, em)
-                lay["down"] = make_linear(m.down_proj.weight, m.down_proj.bias, numerics, em)
-            self.layers.append(lay)
+        for layer in src.layers:
+            with gather(layer) as blk:
+                self.layers.append(self._copy_layer(blk, cfg, numerics, em))
         self.norm = src.norm.weight.detach().to(dt).clone()
         self.lm_head = CastLinear(model.lm_head.weight, None, dt, em)  # kept in the activation dtype under fp8 too
         ctx = cfg.max_position_embeddings
@@ -273,6 +263,31 @@ class InferenceModel(nn.Module):
         sin = freqs.sin()
         self.sin = torch.cat((-sin, sin), -1).to(dt)  # rotate_half's sign folded in: x·cos + roll(x)·sin
         self.is_moe = any(b.is_moe for b in src.layers)
+
+    def _copy_layer(self, blk, cfg: ModelConfig, numerics: str, em: bool) -> dict:
+        """One decoder layer's weights in the engine's layout and numerics."""
+        dt = self.dtype
+        a = blk.self_attn
+        bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        lay = {"ln1": blk.input_layernorm.weight.detach().to(dt).clone(),
+               "ln2": blk.post_attention_layernorm.weight.detach().to(dt).clone(),
+               "qkv": make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias, numerics,
+                                  em),
+               "o": make_linear(a.o_proj.weight, a.o_proj.bias, numerics, em)}
+        if cfg.qk_norm:  # one weight row per q head then per k head: (nh + nkv, D)
+            lay["qk_norm"] = torch.cat([a.q_norm.weight.detach().expand(self.nh, -1),
+                                        a.k_norm.weight.detach().expand(self.nkv, -1)]).to(dt).clone()
+        m = blk.mlp
+        if blk.is_moe:
+            # The router stays in the activation dtype even under fp8, as fp8 serving stacks keep it.
+            lay["router"] = CastLinear(m.gate.weight, None, dt, em)
+            lay["experts"] = Experts(m.experts, numerics, em)
+            lay["k"], lay["norm_topk"] = m.k, m.norm_topk
+        else:
+            gb = None if m.gate_proj.bias is None else torch.cat([m.gate_proj.bias, m.up_proj.bias])
+            lay["gate_up"] = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gb, numerics, em)
+            lay["down"] = make_linear(m.down_proj.weight, m.down_proj.bias, numerics, em)
+        return lay
 
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # torch computes low-precision inputs in fp32 and rounds once (the model's RMSNorm rounds before the

@@ -6,6 +6,8 @@ gives each one's formula, expected range and what a change means. They read tens
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from stablerl.algorithm import cosine, first_order_gradients
@@ -74,15 +76,43 @@ def reward_stats(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.
 
 
 def fidelity(logp: torch.Tensor, logp_infer: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-             params: list[torch.Tensor], retain_graph: bool = False) -> dict[str, float]:
+             params: list[torch.Tensor], retain_graph: bool = False,
+             reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None) -> dict[str, float]:
     """E9: cos(g_seq, g_tok) on a probe batch, with mean/max |log W_i| saying how far from first order it is.
 
-    `logp` (N, T) must carry the graph of the current policy; costs two backward passes over it.
+    `logp` (N, T) must carry the graph of the current policy; costs two backward passes over it. `reduce(x, op)`
+    ("sum" | "max" over the ranks of a data-parallel job, stablerl.distributed): each rank passes its rows of the
+    probe batch (N may be 0) and every rank gets the statistics of all of them together.
     """
+    if reduce is not None:
+        return _fidelity_parts(logp, logp_infer, adv, mask, params, retain_graph, reduce)
     g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params, retain_graph=retain_graph)
     log_w = (logp.detach() - logp_infer).masked_fill(~mask, 0.0).sum(1)  # (N,) log W_i, the sequence IS weight
     return {
         "fidelity/cosine": cosine(g_seq, g_tok),
         "fidelity/abs_log_W_mean": float(log_w.abs().mean()),
         "fidelity/abs_log_W_max": float(log_w.abs().max()),
+    }
+
+
+def _fidelity_parts(logp, logp_infer, adv, mask, params, retain_graph, reduce) -> dict[str, float]:
+    """E9 over rows held by several ranks: g_seq and g_tok are sums over rows, so the ranks' parts add up, once
+    every rank scales W by the same (global) max."""
+    params = list(params)
+    log_w = (logp.detach() - logp_infer).masked_fill(~mask, 0.0).sum(1)  # (n,) this rank's log W_i
+    here = bool(mask.any())
+    neg = torch.tensor(float("-inf"), dtype=log_w.dtype, device=log_w.device)
+    top = reduce(log_w.max() if here else neg, "max")
+    if here:
+        g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params, retain_graph=retain_graph,
+                                             log_scale=top)
+    else:  # no rows here: zeros in the gradients' layout (every parameter, flattened in order)
+        g_seq = g_tok = torch.zeros(sum(p.numel() for p in params), device=log_w.device)
+    g_seq, g_tok = reduce(g_seq, "sum"), reduce(g_tok, "sum")
+    counts = reduce(log_w.new_tensor([float(log_w.abs().sum()), float(len(log_w))], dtype=torch.float64), "sum")
+    top_abs = reduce(log_w.abs().max() if len(log_w) else torch.zeros((), device=log_w.device), "max")
+    return {
+        "fidelity/cosine": cosine(g_seq, g_tok),
+        "fidelity/abs_log_W_mean": float(counts[0] / counts[1].clamp(min=1)),
+        "fidelity/abs_log_W_max": float(top_abs),
     }

@@ -12,6 +12,8 @@ trainer's log-probs: docs/engine.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +67,8 @@ class Engine:
 
     def __init__(self, model_or_dir: Transformer | str | Path, tokenizer=None, numerics: str = "bf16",
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
-                 stop: tuple[str, ...] = (), model_seed: int = 0, threads: int | None = None):
+                 stop: tuple[str, ...] = (), model_seed: int = 0, threads: int | None = None,
+                 gather: Callable[[nn.Module], AbstractContextManager] = nullcontext):
         if numerics not in NUMERICS:
             raise UserError(f"numerics: got {numerics!r}, expected one of {', '.join(map(repr, NUMERICS))}")
         if not isinstance(model_or_dir, nn.Module):
@@ -80,7 +83,7 @@ class Engine:
         # a shared machine want 1: every extra OpenMP thread makes each small op wait for a descheduled peer.
         self.threads = threads
         self.model: InferenceModel
-        self.sync(model_or_dir)
+        self.sync(model_or_dir, gather)
 
     @classmethod
     def from_config(cls, model_or_dir, tokenizer, cfg) -> Engine:
@@ -89,12 +92,14 @@ class Engine:
                    top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
 
     @torch.no_grad()
-    def sync(self, model: Transformer) -> None:
-        """Copy the trainer's current weights into the engine, cast (or fp8-quantised) to its numerics."""
+    def sync(self, model: Transformer, gather: Callable[[nn.Module], AbstractContextManager] = nullcontext) -> None:
+        """Copy the trainer's current weights into the engine, cast (or fp8-quantised) to its numerics. A sharded
+        model passes `gather` (stablerl.distributed.Parallel.gather): its weights are then read whole one decoder
+        layer at a time (a collective: every rank syncs)."""
         if model.config != self.config:
             raise ValueError("Engine.sync: the model's config differs from the engine's")
         self.device = next(model.parameters()).device
-        self.model = InferenceModel(model, self.numerics)
+        self.model = InferenceModel(model, self.numerics, gather=gather)
 
     @property
     def context_length(self) -> int:

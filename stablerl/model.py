@@ -223,6 +223,9 @@ class MoE(nn.Module):
         self.k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        # run experts no token chose too (on no rows: a zero gradient instead of none). FSDP2 needs it: it
+        # reduce-scatters only parameters with a gradient, and every rank must agree on which (stablerl.distributed)
+        self.every_expert = False
 
     def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         N, T, H = x.shape
@@ -246,7 +249,7 @@ class MoE(nn.Module):
         w = weights.flatten()[order]
         start = 0
         for e, c in enumerate(counts):
-            if c:
+            if c or self.every_expert:
                 t, we = tok[start:start + c], w[start:start + c]
                 out.index_add_(0, t, self.experts[e](flat[t]) * we[:, None])
             start += c

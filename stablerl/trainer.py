@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from stablerl import diagnostics as diag
 from stablerl.algorithm import BatchSize, group_advantages, policy_loss, skips_zero_adv
 from stablerl.checkpoint import RunLock, check_resume_config, list_checkpoints, load_trainer_state, save_checkpoint
 from stablerl.config import Config, check_replay, load_config, save_config, task_reward
+from stablerl.distributed import Parallel
 from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
@@ -81,67 +83,84 @@ def seq_token_mask(packed: Packed) -> torch.Tensor:
 def train(cfg: Config, resume: bool = False, show_progress: bool = True, console: Console | None = None,
           overwrite: bool = False) -> TrainResult:
     """RL from `cfg`. A run directory that holds an earlier run is continued (`resume`), started over (`overwrite`:
-    its files are deleted first), or refused with one line: nothing is lost by accident."""
-    with RunLock(cfg.run_dir()):  # one writer per run directory
-        return _train(cfg, resume, show_progress, console or Console(), overwrite)
+    its files are deleted first), or refused with one line: nothing is lost by accident. Under torchrun every rank
+    calls this; rank 0 writes the run directory (stablerl.distributed)."""
+    par = Parallel.setup(cfg)  # a single process unless launched by torchrun
+    try:
+        if not par.main:  # one console and one progress bar per job
+            console, show_progress = Console(quiet=True), False
+        with RunLock(cfg.run_dir()) if par.main else nullcontext():  # one writer per run directory
+            return _train(cfg, resume, show_progress, console or Console(), overwrite, par)
+    finally:
+        par.close()
 
 
-def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, overwrite: bool) -> TrainResult:
+def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, overwrite: bool,
+           par: Parallel) -> TrainResult:
     run_dir = cfg.run_dir()
     e, a, t = cfg.engine, cfg.algo, cfg.train
     point = resume_point(run_dir, console) if resume else None
     if resume and point is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}, starting from step 0[/yellow]")
-    if point is None:
+    if point is None and par.main:
         clear_run(run_dir, overwrite or resume)
     if point is not None and (run_dir / "config.yaml").exists():  # checked before anything in run_dir is touched
         check_resume_config(load_config(run_dir / "config.yaml"), cfg, run_dir / "config.yaml")
     ckpt, model, tok, state = point or (None, *get_model(cfg.init or cfg.model, seed=cfg.seed), {})
+    if ckpt is not None:
+        par.check_resume(ckpt, state)
     tok = prompt_tokenizer(tok, cfg.task)  # the chat template, when task.chat_template asks for it
     start = state.get("step", 0)
     check_replay(cfg, model.is_moe)
-    save_config(cfg, run_dir / "config.yaml")  # before step 0: the run directory always says how it was made
-    device = resolve_device(cfg.device)
+    if par.main:
+        save_config(cfg, run_dir / "config.yaml")  # before step 0: the run directory always says how it was made
+    device = par.device(resolve_device(cfg.device))
     model.to(device).train()  # fp32 master weights and optimizer state; train.dtype=bf16 autocasts the forward
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+    forward = par.wrap(model)  # DDP / FSDP2 under torchrun; the optimizer is built on the wrapped parameters
+    opt = make_optimizer(model, t)
     if ckpt is not None:
-        opt.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        else:
+            par.load_optimizer(state["optimizer_dir"], model, opt)
         console.print(f"resuming {run_dir} from {ckpt.name}")
-    engine = Engine(model, tok, numerics=e.numerics)  # its own copy of the weights, cast to its numerics
+    # its own copy of the weights, cast to its numerics; FSDP's shards are gathered one layer at a time
+    engine = Engine(model, tok, numerics=e.numerics, gather=par.gather)
     examples = task_examples(cfg.task, "train")
     reward_fn = task_reward(cfg.task)
     heldout = task_examples(cfg.task, "heldout")
     # every file of the run directory continues from the resumed step: rows a crashed run wrote after it are dropped
-    writer = MetricsWriter(run_dir, resume_step=start if ckpt is not None else None)
-    samples_path = run_dir / "samples.jsonl"
-    if ckpt is not None:
+    writer = MetricsWriter(run_dir, resume_step=start if ckpt is not None else None) if par.main else None
+    samples_path, metrics_path = run_dir / "samples.jsonl", run_dir / "metrics.jsonl"
+    if ckpt is not None and par.main:
         truncate_after(samples_path, start)
-    B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
-    hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
-              is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
+    B, G = t.batch_prompts, t.group_size
     sampling = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
-    lp_args = dict(**sampling, chunk=t.logit_chunk, checkpoint=t.activation_checkpointing)
-    truncated = e.top_p < 1 or e.top_k > 0
+    learner = Learner(cfg, model, forward, opt, tok.pad_id, device, par)
     bad_in_row = state.get("bad_in_row", 0)
     watch = Watch.of(t.warn_on)
     done = start
     t_start = time.perf_counter()
 
     def run_eval(step: int) -> dict[str, float]:
-        # held-out accuracy of the policy itself (fp32), not of the sampler's copy; built per eval, not kept
-        res = evaluate(Engine(model, tok, numerics="fp32"), heldout, e.max_new_tokens, reward=reward_fn,
-                       timeout=cfg.task.reward_timeout, seed=cfg.seed, n_samples=t.samples_per_eval)
+        # held-out accuracy of the policy itself (fp32), not of the sampler's copy; built per eval, not kept. Every
+        # rank builds it (FSDP gathers the weights), rank 0 evaluates and logs.
+        policy = Engine(model, tok, numerics="fp32", gather=par.gather)
+        if not par.main:
+            return {}
+        res = evaluate(policy, heldout, e.max_new_tokens, reward=reward_fn, timeout=cfg.task.reward_timeout,
+                       seed=cfg.seed, n_samples=t.samples_per_eval)
         with samples_path.open("a") as f:
             for s in res.samples:
                 f.write(json.dumps({"step": step, **s}) + "\n")
         return {"eval/accuracy": res.accuracy, "eval/mean_length": res.mean_length}
 
+    def log(step: int, m: dict) -> None:
+        if writer is not None:
+            writer.log(step, m)
+
     if start == 0:
-        writer.log(0, run_eval(0))  # the cold start's accuracy: the baseline every later eval is compared with
+        log(0, run_eval(0))  # the cold start's accuracy: the baseline every later eval is compared with
     progress = Progress(TextColumn("rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                         disable=not show_progress)
@@ -149,17 +168,18 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
         bar = progress.add_task("rl", total=t.steps, completed=start, info="")
         for step in range(start, t.steps):
             timing, m = {}, {}
-            # ---- rollout: B prompts x G samples from the inference engine (μ_θold) --------------------------
+            # ---- rollout: B prompts x G samples from the inference engine (μ_θold); each rank samples its share ----
             t0 = time.perf_counter()
             pick = torch.randint(len(examples), (B,), generator=_gen(cfg.seed, step, 1)).tolist()
-            batch = [examples[i] for i in pick]
+            batch = [examples[i] for i in pick][par.prompts(B)]
             ro = engine.generate([x.prompt for x in batch], n=G, max_new_tokens=e.max_new_tokens, stop=e.stop,
-                                 seed=int(torch.randint(2**31, (1,), generator=_gen(cfg.seed, step, 2))), **sampling)
+                                 seed=par.rollout_seed(_gen(cfg.seed, step, 2)), **sampling)
             timing["time/rollout"] = time.perf_counter() - t0
             # ---- rewards and E4 group advantages ---------------------------------------------------------
             t0 = time.perf_counter()
             scored = score(ro.texts, [x.answer for x in batch for _ in range(G)], fn=reward_fn,
                            timeout=cfg.task.reward_timeout)
+            ro, scored = par.gather_rollout(ro, scored, tok.pad_id)  # the global batch, on every rank
             rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(B, G)  # (B, G)
             adv = group_advantages(rewards, a.adv_mode).flatten()  # (N,) prompt-major, like the rollout
             if not torch.isfinite(adv).all():
@@ -168,94 +188,22 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             timing["time/rewards"] = time.perf_counter() - t0
             m |= diag.reward_stats(rewards, ro.mask.sum(1), torch.tensor([r == "length" for r in ro.finish_reason]))
             m |= {"reward/errors": scored.n_errors, "reward/timeouts": scored.n_timeouts}
-            # ---- θ_old: logp_old and its routes from the training engine (E3, E7) -------------------------
-            t0 = time.perf_counter()
-            packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)],
-                          tok.pad_id).to(device)
-            logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].to(device).masked_fill(~packed.mask, 0.0)  # (N, T)
-            routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K) the engine's experts
-            adv = adv.to(device)
-            # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the micro-batches (rows, order,
-            # padding) the updates will see, so at N = 1 the update's forward repeats θ_old's bitwise (r == 1).
-            order = torch.randperm(B * G, generator=_gen(cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
-            batches, rest = minibatches(order, adv.cpu(), skips_zero_adv(a.loss), t.micro_batch_size)
-            # rows the updates leave out (Â = 0) are scored too, for the diagnostics, in forwards of their own
-            rest_micro = [r for r in rest.split(t.micro_batch_size or len(rest) or 1) if len(r)]
-            micro = [r for mb in batches for r in mb.micro] + rest_micro
-            # N = 1 with the live rows in one micro-batch: the one update runs at θ_old itself, so θ_old's forward of
-            # those rows keeps its graph and the update reuses it (recomputing it cost +0.25 s of a ~2.7 s quickstart
-            # step, docs/log.md 2026-12-02); r == 1 by construction. Micro-batched runs (real models) recompute.
-            reuse = N == 1 and len(batches[0].micro) == 1
-            with autocast():
-                old, kept = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args,
-                                       keep_first=reuse)
-            # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
-            # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
-            outside = packed.mask & ~torch.isfinite(old.logp)  # (N, T)
-            packed = replace(packed, mask=packed.mask & ~outside)
-            mask = packed.mask  # (N, T)
-            logp_old = old.logp.masked_fill(~mask, 0.0)  # (N, T) log π_θold
-            routes_old = old.routes  # (N, S, L, K)
-            timing["time/old_logprobs"] = time.perf_counter() - t0
-            m["guard/outside_support_frac"] = float(outside.sum()) / max(1, int(ro.mask.sum()))
-            m["entropy/mean"] = old.entropy_sum / max(1, int(packed.mask.sum() + outside.sum()))
-            m |= diag.train_inference_kl(logp_old, logp_infer, mask)
-            tok_mask = seq_token_mask(packed)
-            if a.replay != "R3":
-                m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
-            # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
-            t0 = time.perf_counter()
-            lr = (lr_at(step, t.lr, t.warmup_steps, t.steps) if t.lr_schedule == "cosine"
-                  else t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)))  # linear warmup, then constant
-            for group in opt.param_groups:
-                group["lr"] = lr
-            probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0
-            replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
-            mb_stats: list[dict] = []
-            attempted = skipped = 0  # mini-batches with rows to update / of those, the ones a guard stopped
-            measure_old = routes_old if a.replay == "none" else None  # replayed routes agree by construction
-            update = Update(model, packed, logp_old, logp_infer, adv, replay, measure_old, tok_mask, a.loss, hp,
-                            lp_args, truncated, autocast)
-            # Cross-step routing (θ_{t-1} vs θ_t, the router's own choice, same tokens): the routing flip that preceded
-            # the quickstart's step-31 collapse (docs/log.md 2026-12-01). On a random subset of rows: two no-grad
-            # forwards without the LM head, a few % of a step.
-            cross = None
-            if model.is_moe and t.cross_step_rows:
-                sub = RouteProbe.of(packed, order.flatten()[: t.cross_step_rows].to(device))
-                with autocast():
-                    cross = (sub, expert_routes(model, sub))
-            for j, mb in enumerate(batches):
-                if not mb.micro:
-                    continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
-                attempted += 1
-                st, fid = update.run(mb, stale=j > 0, probe=probe and j == N - 1, reuse=kept if j == 0 else None)
-                m |= fid
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                if st is None or not (math.isfinite(st["loss/policy"]) and torch.isfinite(gnorm)):
-                    skipped += 1  # guard: a NaN/Inf step (or one with nothing left to learn from) never moves weights
-                    opt.zero_grad(set_to_none=True)
-                    continue
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                mb_stats.append(st | {"grad/norm": float(gnorm)})
-            timing["time/updates"] = time.perf_counter() - t0
-            if cross is not None:  # θ_t's routes of the rows θ_{t-1} routed before the updates
-                with autocast():
-                    now = expert_routes(model, cross[0])
-                m |= diag.routing_agreement(cross[1], now, cross[0].mask_seq, "route/cross_step")
-            m |= _mean_dicts(mb_stats)
-            m["guard/skipped_minibatches"] = skipped
+            # ---- θ_old, then the N mini-batch updates (E3, E7, E8) ------------------------------------------
+            learned, attempted, skipped = learner.step(step, ro, adv, timing)
+            lr = learned.pop("train/lr")
+            m |= learned
             if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
                 bad_in_row = bad_in_row + 1 if skipped == attempted else 0
             if bad_in_row >= t.max_bad_steps:
-                writer.log(step + 1, m)  # the step's row, numbered like every other step's
-                writer.close()
-                plot_run_quietly(run_dir, console.print)  # the curves up to the abort are what a user looks at first
+                log(step + 1, m)  # the step's row, numbered like every other step's
+                if writer is not None:
+                    writer.close()
+                    plot_run_quietly(run_dir, console.print)  # the curves up to the abort: what a user looks at first
                 raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient (last at step "
-                                f"{step + 1}); lower train.lr or check the data (metrics in {writer.path})")
+                                f"{step + 1}); lower train.lr or check the data (metrics in {metrics_path})")
             # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
             t0 = time.perf_counter()
-            engine.sync(model)
+            engine.sync(model, par.gather)
             timing["time/sync"] = time.perf_counter() - t0
             m |= timing
             m["time/step"] = sum(timing.values())
@@ -263,28 +211,171 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             done = step + 1
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 m |= run_eval(done)
+            m = par.broadcast(m)  # rank 0's row (its timings, its eval): every rank then takes the same decisions
             fired = watch.check(m)
             for rule in fired:  # early warning (stablerl.warning): printed, logged, acted on
                 m[f"warn/{rule.signal}"] = m[rule.signal]
                 console.print(f"[yellow]warning at step {done}: {rule.signal} = {m[rule.signal]:.4g} "
                               f"({rule}); train.on_warning={t.on_warning}[/yellow]")
             stop = bool(fired) and t.on_warning == "stop"
-            writer.log(done, m)
+            log(done, m)
             if ((t.save_every and done % t.save_every == 0) or done == t.steps
                     or (fired and t.on_warning in ("checkpoint", "stop"))):
-                save_checkpoint(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints)
+                save(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints, par)
             progress.update(bar, advance=1, info=_line(m))
             if stop:
                 console.print(f"[yellow]stopped at step {done} by train.on_warning=stop; the checkpoint of step "
                               f"{done} is in {run_dir / 'checkpoints'}[/yellow]")
                 break
+    seconds = time.perf_counter() - t_start
+    if writer is None:
+        return TrainResult(run_dir, done, None, None, seconds)
     writer.close()
     plot_run_quietly(run_dir, console.print)
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"),
-                       time.perf_counter() - t_start, first.get("eval/mean_length"), last.get("eval/mean_length"))
+    return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"), seconds,
+                       first.get("eval/mean_length"), last.get("eval/mean_length"))
+
+
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
+    """AdamW over the model's parameters (FSDP's shards once it is wrapped): matrices decay, norms and biases do not."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+
+
+def save(run_dir: Path, step: int, model, tok, opt, extra: dict, keep: int, par: Parallel) -> None:
+    """A checkpoint of this step. Distributed: the ranks write the optimizer state (DCP), rank 0 the HF weights and
+    the trainer state, then moves the optimizer's directory in, all in the one atomic rename of save_checkpoint."""
+    if not par.active:
+        save_checkpoint(run_dir, step, model, tok, opt, extra, keep)
+        return
+    staged = par.save_optimizer(run_dir, step, model, opt)
+    full = par.full_model(model)  # a collective under FSDP; the whole model on rank 0 only
+    if par.main:
+        save_checkpoint(run_dir, step, full, tok, None, extra | {"world_size": par.world}, keep,
+                        sharded_optimizer=staged)
+    par.barrier()
+
+
+@dataclass(frozen=True)
+class Learner:
+    """What one global step learns from a scored rollout: `logp_old` and its routes at θ_old (E3, E7), then the N
+    mini-batch updates (E8) of the registered loss (E5/E6), and their diagnostics. Every rank of a distributed job
+    calls `step` with the same global batch and computes only its share of the rows (stablerl.distributed)."""
+
+    cfg: Config
+    model: torch.nn.Module  # the model (FSDP: the sharded module itself; DDP: the module inside the wrapper)
+    forward: Callable[..., PolicyLogProbs]  # the differentiated forward (Parallel.wrap)
+    opt: torch.optim.Optimizer
+    pad_id: int
+    device: torch.device
+    par: Parallel
+    # called with a mini-batch's index once its gradient is complete (reduced over the ranks), before clipping
+    after_backward: Callable[[int], None] | None = None
+
+    def step(self, step: int, ro: Rollout, adv: torch.Tensor, timing: dict) -> tuple[dict, int, int]:
+        """(metrics, mini-batches attempted, of those skipped by the NaN/Inf guard) of step `step` on the global
+        rollout `ro` with advantages `adv` (N,); the optimizer has stepped. Adds its phases' seconds to `timing`."""
+        model, par, device, opt = self.model, self.par, self.device, self.opt
+        e, a, t = self.cfg.engine, self.cfg.algo, self.cfg.train
+        B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
+        hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
+                  is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
+        lp_args = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, chunk=t.logit_chunk,
+                       checkpoint=t.activation_checkpointing)
+        truncated = e.top_p < 1 or e.top_k > 0
+        autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+        m = {}
+        t0 = time.perf_counter()
+        packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)],
+                      self.pad_id).to(device)
+        logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].to(device).masked_fill(~packed.mask, 0.0)  # (N, T)
+        routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K) the engine's experts
+        adv = adv.to(device)
+        # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the micro-batches (rows, order,
+        # padding) the updates will see, so at N = 1 the update's forward repeats θ_old's bitwise (r == 1). Drawn
+        # over global row ids, the same on every rank; each rank runs its share of each mini-batch's live rows.
+        order = torch.randperm(B * G, generator=_gen(self.cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
+        batches, rest = minibatches(order, adv.cpu(), skips_zero_adv(a.loss), t.micro_batch_size, par)
+        # rows the updates leave out (Â = 0) are scored too, for the diagnostics, in forwards of their own
+        rest_micro = [r for r in par.share(rest).split(t.micro_batch_size or len(rest) or 1) if len(r)]
+        micro = [r for mb in batches for r in mb.micro] + rest_micro
+        # N = 1 with the live rows in one micro-batch: the one update runs at θ_old itself, so θ_old's forward of
+        # those rows keeps its graph and the update reuses it (recomputing it cost +0.25 s of a ~2.7 s quickstart
+        # step, docs/log.md 2026-12-02); r == 1 by construction. Micro-batched runs (real models) recompute, and so
+        # do distributed ones (their θ_old forward is not the wrapped forward that reduces gradients).
+        reuse = N == 1 and len(batches[0].micro) == 1 and not par.active
+        # FSDP: each forward all-gathers weights, so every rank runs as many as the busiest one
+        pad = par.max_int(len(micro)) - len(micro) if par.lockstep else 0
+        with autocast():
+            old, kept = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args,
+                                   keep_first=reuse, pad=pad)
+        old = par.sum_rows(old)  # each row was computed by one rank: the global logp_old, routes and entropy
+        # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
+        # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
+        outside = packed.mask & ~torch.isfinite(old.logp)  # (N, T)
+        packed = replace(packed, mask=packed.mask & ~outside)
+        mask = packed.mask  # (N, T)
+        logp_old = old.logp.masked_fill(~mask, 0.0)  # (N, T) log π_θold
+        routes_old = old.routes  # (N, S, L, K)
+        timing["time/old_logprobs"] = time.perf_counter() - t0
+        m["guard/outside_support_frac"] = float(outside.sum()) / max(1, int(ro.mask.sum()))
+        m["entropy/mean"] = old.entropy_sum / max(1, int(packed.mask.sum() + outside.sum()))
+        m |= diag.train_inference_kl(logp_old, logp_infer, mask)
+        tok_mask = seq_token_mask(packed)
+        if a.replay != "R3":
+            m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
+        # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
+        t0 = time.perf_counter()
+        lr = (lr_at(step, t.lr, t.warmup_steps, t.steps) if t.lr_schedule == "cosine"
+              else t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)))  # linear warmup, then constant
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # E9 needs the gradients of whole parameters: FSDP holds shards (docs/scaling.md), so no probe there
+        probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0 and par.kind != "fsdp"
+        replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
+        mb_stats: list[dict] = []
+        attempted = skipped = 0  # mini-batches with rows to update / of those, the ones a guard stopped
+        measure_old = routes_old if a.replay == "none" else None  # replayed routes agree by construction
+        update = Update(model, packed, logp_old, logp_infer, adv, replay, measure_old, tok_mask, a.loss, hp,
+                        lp_args, truncated, autocast, self.forward, par)
+        # Cross-step routing (θ_{t-1} vs θ_t, the router's own choice, same tokens): the routing flip that preceded
+        # the quickstart's step-31 collapse (docs/log.md 2026-12-01). On a random subset of rows: two no-grad
+        # forwards without the LM head, a few % of a step (every rank runs the same ones: FSDP's forwards gather).
+        cross = None
+        if model.is_moe and t.cross_step_rows:
+            sub = RouteProbe.of(packed, order.flatten()[: t.cross_step_rows].to(device))
+            with autocast():
+                cross = (sub, expert_routes(model, sub))
+        for j, mb in enumerate(batches):
+            if not mb.passes:
+                continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
+            attempted += 1
+            st, fid = update.run(mb, stale=j > 0, probe=probe and j == N - 1, reuse=kept if j == 0 else None)
+            m |= fid
+            if self.after_backward is not None:
+                self.after_backward(j)
+            gnorm = par.grad_norm(model.parameters(), t.grad_clip)
+            if st is None or not (math.isfinite(st["loss/policy"]) and torch.isfinite(gnorm)):
+                skipped += 1  # guard: a NaN/Inf step (or one with nothing left to learn from) never moves weights
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mb_stats.append(st | {"grad/norm": float(gnorm)})
+        timing["time/updates"] = time.perf_counter() - t0
+        if cross is not None:  # θ_t's routes of the rows θ_{t-1} routed before the updates
+            with autocast():
+                now = expert_routes(model, cross[0])
+            m |= diag.routing_agreement(cross[1], now, cross[0].mask_seq, "route/cross_step")
+        m |= _mean_dicts(mb_stats)
+        m["guard/skipped_minibatches"] = skipped
+        m["train/lr"] = lr
+        return m, attempted, skipped
 
 
 def clear_run(run_dir: Path, allowed: bool) -> None:
@@ -346,32 +437,48 @@ class MiniBatch:
 
     idx: torch.Tensor  # (n_mb,) every row of the mini-batch
     micro: list[torch.Tensor]  # row sets, one forward + backward each; rows with Â = 0 left out when the loss allows
+    # Distributed (stablerl.distributed): `micro` holds this rank's share of the live rows; every rank runs `passes`
+    # forward + backward passes (the busiest rank's micro-batch count), so their gradient collectives pair up; a rank
+    # with fewer pads with passes of weight 0 on `lead`. One process: passes == len(micro).
+    passes: int = 0
+    lead: torch.Tensor | None = None  # (≤1,) the mini-batch's first live row
+    first: torch.Tensor | None = None  # the rows of one process's first micro-batch: E9's probe rows
 
 
-def minibatches(order: torch.Tensor, adv: torch.Tensor, skip_zero_adv: bool,
-                micro_size: int) -> tuple[list[MiniBatch], torch.Tensor]:
+def minibatches(order: torch.Tensor, adv: torch.Tensor, skip_zero_adv: bool, micro_size: int,
+                par: Parallel | None = None) -> tuple[list[MiniBatch], torch.Tensor]:
     """The E8 mini-batches of `order` (N_mb, n_mb), each split into micro-batches of `micro_size` rows (0 = one), and
     the rows no update runs. Rows with Â = 0 (groups whose rewards all agree: 30-75% on the default task) have no
     gradient under a loss that declares so (`algorithm.skips_zero_adv`): they are left out, and the normalisation
-    still counts them (MiniBatch.idx)."""
+    still counts them (MiniBatch.idx). With `par`, the micro-batches are those of this rank's share of the live rows."""
+    world = 1 if par is None else par.world
     out, rest = [], []
     for idx in order:
         run = adv[idx] != 0 if skip_zero_adv else torch.ones_like(idx, dtype=torch.bool)  # (n_mb,)
         rows = idx[run]
         rest.append(idx[~run])
-        out.append(MiniBatch(idx, list(rows.split(micro_size or max(1, len(rows)))) if len(rows) else []))
+        mine = rows if par is None else par.share(rows)
+        widest = -(-len(rows) // world)  # the largest share (tensor_split gives the first ranks one more row)
+        passes = -(-widest // micro_size) if micro_size else int(widest > 0)
+        out.append(MiniBatch(idx, list(mine.split(micro_size or max(1, len(mine)))) if len(mine) else [], passes,
+                             rows[:1], rows[: micro_size or len(rows)]))
     return out, torch.cat(rest)
 
 
 def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.Tensor | None, lp_args: dict,
-               keep_first: bool = False) -> tuple[PolicyLogProbs, PolicyLogProbs | None]:
+               keep_first: bool = False, pad: int = 0) -> tuple[PolicyLogProbs, PolicyLogProbs | None]:
     """θ_old over micro-batches of rows (together a partition of the rows) -> (logp_old (N, T), the routes (N, S, L, K)
     or None, and the summed entropy of the sampling distribution over response tokens; `kept`). No grad, except with
     `keep_first`: the first micro-batch's forward then keeps its graph and is returned as `kept`, for an update at
-    these very weights to reuse instead of repeating it."""
+    these very weights to reuse instead of repeating it. Distributed, `micro` is this rank's part (rows of other ranks
+    stay 0) and `pad` more forwards, whose results are dropped, keep FSDP's collectives in step."""
     N, T = packed.mask.shape
     logp = torch.zeros(N, T, device=packed.ids.device)  # (N, T)
     routes, ent, kept = None, 0.0, None
+    if model.is_moe:  # (N, S, L, K) in the engine's compact route dtype
+        c = model.config
+        routes = torch.zeros(N, packed.ids.shape[1], len(c.moe_layers), c.num_experts_per_tok,
+                             dtype=route_dtype(c.num_experts), device=logp.device)
     for i, idx in enumerate(micro):
         mb = select(packed, idx)
         S = mb.ids.shape[1]
@@ -381,11 +488,13 @@ def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.T
             kept = out
         logp[idx, : mb.mask.shape[1]] = out.logp.detach()
         ent += out.entropy_sum
-        if out.routes is not None:
-            if routes is None:  # (N, S, L, K) in the engine's compact route dtype
-                dt = route_dtype(model.config.num_experts)
-                routes = torch.zeros(N, packed.ids.shape[1], *out.routes.shape[2:], dtype=dt, device=logp.device)
+        if routes is not None:
             routes[idx, :S] = out.routes.to(routes.dtype)
+    with torch.no_grad():
+        for _ in range(pad):
+            one = torch.zeros(1, dtype=torch.long, device=logp.device)
+            sub = select(packed, one)
+            policy_logprobs(model, sub, None if replay is None else replay[one, :sub.ids.shape[1]], **lp_args)
     return PolicyLogProbs(logp, routes, ent), kept
 
 
@@ -393,7 +502,7 @@ def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.T
 class Update:
     """E8 mini-batch updates of one step: the E5/E6 loss over a mini-batch's micro-batches with gradients accumulated
     (exact: each micro-batch is normalised by the whole mini-batch's sizes), plus the E9 probe. The caller clips the
-    gradient and steps the optimizer."""
+    gradient and steps the optimizer. Distributed, this rank's micro-batches; the sizes and stats stay global."""
 
     model: torch.nn.Module
     packed: Packed
@@ -408,48 +517,72 @@ class Update:
     lp_args: dict  # policy_logprobs' sampling, chunk and checkpoint arguments
     truncated: bool  # top-p/top-k sampling: a moved policy may drop a sampled token from its support
     autocast: Callable  # () -> the context the forward runs in (bf16 autocast or nothing)
+    forward: Callable[..., PolicyLogProbs]  # the differentiated forward (DDP's under torchrun)
+    par: Parallel
 
     def run(self, mb: MiniBatch, stale: bool, probe: bool,
             reuse: PolicyLogProbs | None = None) -> tuple[dict | None, dict]:
         """(stats, E9 stats) after the backward passes; stats None when no token was left to learn from. `reuse`:
         the forward of the (single) micro-batch at these weights, with its graph, run by `old_policy`."""
+        par = self.par
         # The loss divides by the mini-batch's token counts. They are mask's, unless the moved policy (a later
         # mini-batch, with truncation) dropped tokens: then they must be known before the first backward.
         size = BatchSize.of(self.packed.mask[mb.idx])
         may_drop = stale and self.truncated
-        if may_drop and len(mb.micro) > 1:
-            size = minibatch_size(self.packed.mask, mb.idx, mb.micro, self._supported(mb))
+        if may_drop and (len(mb.micro) > 1 or par.active):
+            size = minibatch_size(self.packed.mask, mb.idx, mb.micro, self._supported(mb), par)
         stats, fid = [], {}
-        for k, rows in enumerate(mb.micro):
-            sub = select(self.packed, rows)
-            S, T = sub.ids.shape[1], sub.mask.shape[1]  # trimmed to these rows' longest sequence / response
-            if reuse is not None:
-                cur = reuse  # the padding of `sub` is θ_old's own: select() trims the same rows the same way
-            else:
-                with self.autocast():
-                    cur = policy_logprobs(self.model, sub, self._replay(rows, S), **self.lp_args)
-            logp = cur.logp  # (n, T) log π_θ under the support rule of logp_old
-            # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it. Without
-            # truncation every log π is finite, and a NaN must reach the loss (and the NaN guard), not be dropped.
-            keep = sub.mask & torch.isfinite(logp.detach()) if may_drop else sub.mask  # (n, T)
-            if may_drop and len(mb.micro) == 1:
-                size = minibatch_size(self.packed.mask, mb.idx, [rows], [keep])
-            if not keep.any():
+        passes = mb.passes if par.active else len(mb.micro)
+        for k in range(passes):
+            mine = k < len(mb.micro)  # else a pass of weight 0 that keeps the ranks' collectives paired
+            rows = mb.micro[k] if mine else mb.lead
+            with par.accumulate(last=k == passes - 1):  # DDP: no_sync around forward and backward but the last
+                sub = select(self.packed, rows)
+                S, T = sub.ids.shape[1], sub.mask.shape[1]  # trimmed to these rows' longest sequence / response
+                if reuse is not None:
+                    cur = reuse  # the padding of `sub` is θ_old's own: select() trims the same rows the same way
+                else:
+                    with self.autocast():
+                        cur = self.forward(sub, self._replay(rows, S), **self.lp_args)
+                logp = cur.logp  # (n, T) log π_θ under the support rule of logp_old
+                # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it.
+                # Without truncation every log π is finite, and a NaN must reach the loss (and the NaN guard).
+                keep = sub.mask & torch.isfinite(logp.detach()) if may_drop else sub.mask  # (n, T)
+                if may_drop and len(mb.micro) == 1 and not par.active:
+                    size = minibatch_size(self.packed.mask, mb.idx, [rows], [keep])
+                live = mine and bool(keep.any())
+                if not live and not par.active:
+                    continue
+                if probe and k == 0:
+                    # E9 on the most stale mini-batch (its first micro-batch), at the weights its update sees: w =
+                    # π/μ_old holds exactly the discrepancy and staleness this gradient is computed under. Rows with
+                    # Â = 0 add nothing to either gradient, so the live rows give the cosine of the rows they belong
+                    # to. Distributed: the same rows (a prefix of each rank's first micro-batch), gradients summed.
+                    if not par.active:
+                        fid = diag.fidelity(logp, self.logp_infer[rows, :T], self.adv[rows], keep,
+                                            list(self.model.parameters()), retain_graph=True)
+                    else:
+                        sel = torch.isin(rows, mb.first) & live  # (n,)
+                        fid = diag.fidelity(logp[sel], self.logp_infer[rows, :T][sel], self.adv[rows][sel], keep[sel],
+                                            list(self.model.parameters()), retain_graph=True, reduce=par.reduce)
+                if live:
+                    out = policy_loss(self.loss, logp, self.logp_old[rows, :T], self.logp_infer[rows, :T],
+                                      self.adv[rows], keep, batch=size, **self.hp)
+                    # ×P: the ranks' gradients are averaged, and each loss is normalised by the global mini-batch
+                    (out.loss * par.loss_scale() if par.active else out.loss).backward()
+                else:
+                    # weight 0 on rows a live pass runs too (the mini-batch's lead row): this rank joins the
+                    # gradient collective and touches no parameter the live rows do not (Adam skips grad=None)
+                    (logp.masked_fill(~torch.isfinite(logp.detach()), 0.0) * 0.0).sum().backward()
+            if not live:
                 continue
-            out = policy_loss(self.loss, logp, self.logp_old[rows, :T], self.logp_infer[rows, :T], self.adv[rows],
-                              keep, batch=size, **self.hp)
-            if probe and k == 0:
-                # E9 on the most stale mini-batch (its first micro-batch), at the weights its update sees: w = π/μ_old
-                # holds exactly the discrepancy and staleness this gradient is computed under. Rows with Â = 0 add
-                # nothing to either gradient, so the live rows give the cosine of the rows they belong to.
-                fid = diag.fidelity(logp, self.logp_infer[rows, :T], self.adv[rows], keep,
-                                    list(self.model.parameters()), retain_graph=True)
-            out.loss.backward()
             st = {**out.stats, "loss/policy": float(out.loss.detach())}
             if stale and self.routes_old is not None and cur.routes is not None:  # at θ_old itself: 1 by construction
                 st |= diag.routing_agreement(self.routes_old[rows, :S], cur.routes, self.tok_mask[rows, :S],
                                              "route/old_vs_current")
             stats.append(st)
+        if par.active:  # every rank's micro-batch stats, merged as one process merges its micro-batches'
+            stats = [st for part in par.gather_objects(stats) for st in part]
         return (_merge_micro(stats) if stats else None), fid
 
     def _replay(self, rows: torch.Tensor, S: int) -> torch.Tensor | None:
@@ -457,18 +590,21 @@ class Update:
 
     def _supported(self, mb: MiniBatch) -> list[torch.Tensor]:
         """The tokens of each micro-batch that the current policy still supports: a no-grad look ahead, needed only
-        for a stale mini-batch with truncated sampling split into several micro-batches."""
+        for a stale mini-batch with truncated sampling split into several micro-batches (or over several ranks)."""
         out = []
+        passes = mb.passes if self.par.lockstep else len(mb.micro)  # FSDP: as many forwards on every rank
         with torch.no_grad(), self.autocast():
-            for rows in mb.micro:
+            for k in range(passes):
+                rows = mb.micro[k] if k < len(mb.micro) else mb.lead
                 sub = select(self.packed, rows)
                 lp = policy_logprobs(self.model, sub, self._replay(rows, sub.ids.shape[1]), **self.lp_args).logp
-                out.append(sub.mask & torch.isfinite(lp))
+                if k < len(mb.micro):
+                    out.append(sub.mask & torch.isfinite(lp))
         return out
 
 
 def minibatch_size(mask: torch.Tensor, idx: torch.Tensor, micro: list[torch.Tensor],
-                   keeps: list[torch.Tensor]) -> BatchSize:
+                   keeps: list[torch.Tensor], par: Parallel | None = None) -> BatchSize:
     """E5/E6 normalisation sizes of mini-batch `idx` (N_mb,): all its rows (those with Â = 0 too), counting only the
     tokens the loss sums over. `mask` (N, T) holds every row's tokens; `keeps[k]` (n_k, t_k) those of the rows
     `micro[k]` that the moved policy still supports (with top-p/top-k it may drop a sampled token)."""
@@ -476,6 +612,8 @@ def minibatch_size(mask: torch.Tensor, idx: torch.Tensor, micro: list[torch.Tens
     for rows, keep in zip(micro, keeps):
         kept[rows] = False
         kept[rows, : keep.shape[1]] = keep
+    if par is not None and par.active:  # each rank knows its own rows' drops: a token is kept if no rank dropped it
+        kept = mask & ~par.all_sum(mask & ~kept)
     return BatchSize.of(kept[idx])
 
 
