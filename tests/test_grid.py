@@ -107,15 +107,18 @@ def test_command_line_overrides_are_checked_and_cannot_set_what_the_study_sets(t
 
 def test_shipped_studies_expand_and_validate():
     quick, full = load_study(STUDIES / "quick.yaml"), load_study(STUDIES / "full.yaml")
-    for study, n_off in ((quick, 1), (full, 3)):
+    for study, n_off, peers, colds in ((quick, 1, set(), {"mix", "short", "under"}),
+                                       (full, 3, {"grpo", "cispo", "gspo"}, {"mix", "long", "short", "under"})):
         runs = expand(study, "runs/reproduce")
         cells = {r.cell for r in runs if r.kind == "train"}
-        assert {"minirl", "minirl_no_is", "minirl_lennorm", "grpo", "cispo", "gspo"} <= cells
+        assert {"minirl", "minirl_no_is", "minirl_lennorm", *peers} <= cells
         assert sum(c.startswith("offpolicy_") for c in cells) == n_off * 2 * 3
-        assert {r.cell for r in runs if r.kind == "sft"} == {"mix", "long", "short"}
+        assert {r.cell for r in runs if r.kind == "sft"} == colds
         assert len(study.seeds) >= 3 and set(study.findings) >= {"F1", "F2", "F3", "F4", "F5"}
-        fp8 = [r for r in runs if r.cell == "minirl_fp8"]
-        assert fp8 and all(r.config.engine.numerics == "fp8" for r in fp8)
+        # the stress setting: the fp8 engine everywhere; on-policy at 3e-4, the off-policy grid at 8e-5
+        assert all(r.config.engine.numerics == "fp8" for r in runs if r.kind == "train" and "bf16" not in r.cell)
+        assert {r.config.train.lr for r in runs if r.cell == "minirl"} == {3e-4}
+        assert {r.config.train.lr for r in runs if r.cell.startswith("offpolicy_")} == {8e-5}
 
 
 @pytest.mark.parametrize("cores, jobs, threads, want", [
