@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -517,8 +517,9 @@ class Update:
     lp_args: dict  # policy_logprobs' sampling, chunk and checkpoint arguments
     truncated: bool  # top-p/top-k sampling: a moved policy may drop a sampled token from its support
     autocast: Callable  # () -> the context the forward runs in (bf16 autocast or nothing)
-    forward: Callable[..., PolicyLogProbs]  # the differentiated forward (DDP's under torchrun)
-    par: Parallel
+    # the differentiated forward (packed, routes, **lp_args) (DDP's under torchrun); None: the model's own
+    forward: Callable[..., PolicyLogProbs] | None = None
+    par: Parallel = field(default_factory=Parallel)  # one process unless given
 
     def run(self, mb: MiniBatch, stale: bool, probe: bool,
             reuse: PolicyLogProbs | None = None) -> tuple[dict | None, dict]:
@@ -543,7 +544,8 @@ class Update:
                     cur = reuse  # the padding of `sub` is θ_old's own: select() trims the same rows the same way
                 else:
                     with self.autocast():
-                        cur = self.forward(sub, self._replay(rows, S), **self.lp_args)
+                        fwd = self.forward or partial(policy_logprobs, self.model)
+                        cur = fwd(sub, self._replay(rows, S), **self.lp_args)
                 logp = cur.logp  # (n, T) log π_θ under the support rule of logp_old
                 # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it.
                 # Without truncation every log π is finite, and a NaN must reach the loss (and the NaN guard).
