@@ -30,6 +30,7 @@ class ConfigError(UserError):
 class EngineConfig:
     """Inference engine (rollouts). Its numerics are the source of the training–inference discrepancy (E3)."""
 
+    backend: Literal["native", "vllm"] = "native"  # who samples: stablerl's engine, or vLLM (pip install -e ".[vllm]")
     numerics: Numerics = "bf16"  # weights/activations of the sampler; fp8 = e4m3 emulation
     temperature: float = 1.0  # the paper samples at 1 with no truncation
     top_p: float = 1.0  # 1 = no nucleus truncation; logp_old/logp use the same truncated support

@@ -35,6 +35,28 @@ STOP_CHECK_EVERY = 4  # decode steps between stop-string scans (the exact cut is
 # ---- the engine -----------------------------------------------------------------------------------------------
 
 
+def sampling_args(defaults: dict, prompts: list[str], n: int, temperature: float | None, top_p: float | None,
+                  top_k: int | None, max_new_tokens: int | None,
+                  stop: tuple[str, ...] | None) -> tuple[float, float, int, int, tuple[str, ...]]:
+    """`generate`'s sampling arguments with None taken from a backend's `defaults`, checked (UserError naming the
+    argument): the one contract every rollout backend (stablerl.rollout) accepts."""
+    temperature = defaults["temperature"] if temperature is None else temperature
+    top_p = defaults["top_p"] if top_p is None else top_p
+    top_k = defaults["top_k"] if top_k is None else top_k
+    max_new_tokens = defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    stop = tuple(defaults["stop"] if stop is None else stop)
+    if not prompts:
+        raise UserError("generate: no prompts")
+    for name, ok, want, got in (("n", n >= 1, ">= 1", n), ("temperature", temperature >= 0, ">= 0", temperature),
+                                ("top_p", 0 < top_p <= 1, "in (0, 1]", top_p), ("top_k", top_k >= 0, ">= 0", top_k),
+                                ("max_new_tokens", max_new_tokens >= 1, ">= 1", max_new_tokens)):
+        if not ok:
+            raise UserError(f"generate: {name} must be {want}, got {got}")
+    if any(not s for s in stop):
+        raise UserError("generate: empty stop string")
+    return temperature, top_p, top_k, max_new_tokens, stop
+
+
 @dataclass(frozen=True)
 class Rollout:
     """N = B·G samples, prompt-major (the G samples of prompt b are rows b·G .. b·G+G-1). T = longest response."""
@@ -131,21 +153,8 @@ class Engine:
                  seed: int | torch.Generator = 0, ignore_eos: bool = False, return_routes: bool = True) -> Rollout:
         """n samples for each prompt. A row stops at any EOS id (unless `ignore_eos`), at a stop string, after
         `max_new_tokens`, or when prompt + response fill the model context (finish_reason "length")."""
-        d = self.defaults
-        temperature = d["temperature"] if temperature is None else temperature
-        top_p = d["top_p"] if top_p is None else top_p
-        top_k = d["top_k"] if top_k is None else top_k
-        max_new_tokens = d["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-        stop = tuple(d["stop"] if stop is None else stop)
-        if not prompts:
-            raise UserError("generate: no prompts")
-        for name, ok, want in (("n", n >= 1, ">= 1"), ("temperature", temperature >= 0, ">= 0"),
-                               ("top_p", 0 < top_p <= 1, "in (0, 1]"), ("top_k", top_k >= 0, ">= 0"),
-                               ("max_new_tokens", max_new_tokens >= 1, ">= 1")):
-            if not ok:
-                raise UserError(f"generate: {name} must be {want}, got {locals()[name]}")
-        if any(not s for s in stop):
-            raise UserError("generate: empty stop string")
+        temperature, top_p, top_k, max_new_tokens, stop = sampling_args(self.defaults, prompts, n, temperature, top_p,
+                                                                        top_k, max_new_tokens, stop)
         gen = seed if isinstance(seed, torch.Generator) else torch.Generator(self.device).manual_seed(int(seed))
         enc = self.encode(prompts)
         threads = torch.get_num_threads()

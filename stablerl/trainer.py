@@ -35,6 +35,7 @@ from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
 from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
 from stablerl.rewards import score
+from stablerl.rollout import make_backend
 from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, select
 from stablerl.sft import lr_at
 from stablerl.tasks import task_examples
@@ -125,7 +126,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             par.load_optimizer(state["optimizer_dir"], model, opt)
         console.print(f"resuming {run_dir} from {ckpt.name}")
     # its own copy of the weights, cast to its numerics; FSDP's shards are gathered one layer at a time
-    engine = Engine(model, tok, numerics=e.numerics, gather=par.gather)
+    engine = make_backend(cfg, model, tok, gather=par.gather)  # engine.backend: native (stablerl's) or vllm
     examples = task_examples(cfg.task, "train")
     reward_fn = task_reward(cfg.task)
     heldout = task_examples(cfg.task, "heldout")
