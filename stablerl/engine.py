@@ -35,6 +35,20 @@ STOP_CHECK_EVERY = 4  # decode steps between stop-string scans (the exact cut is
 # ---- the engine -----------------------------------------------------------------------------------------------
 
 
+def encode_prompts(backend, prompts: list[str]) -> list[list[int]]:
+    """Prompt ids (`backend.tokenizer.encode_prompt`); UserError naming the prompt's index if one cannot be answered
+    (`backend.problem`: empty, or no room left in the context). Shared by every rollout backend."""
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise UserError(f"prompt {i}: expected a string, got {type(p).__name__}")
+        ids = backend.tokenizer.encode_prompt(p)
+        if why := backend.problem(ids):
+            raise UserError(f"prompt {i}: {why}")
+        out.append(ids)
+    return out
+
+
 def sampling_args(defaults: dict, prompts: list[str], n: int, temperature: float | None, top_p: float | None,
                   top_k: int | None, max_new_tokens: int | None,
                   stop: tuple[str, ...] | None) -> tuple[float, float, int, int, tuple[str, ...]]:
@@ -137,16 +151,7 @@ class Engine:
         return None
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Prompt ids (`tokenizer.encode_prompt`); UserError naming the prompt's index if one cannot be answered."""
-        out = []
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise UserError(f"prompt {i}: expected a string, got {type(p).__name__}")
-            ids = self.tokenizer.encode_prompt(p)
-            if why := self.problem(ids):
-                raise UserError(f"prompt {i}: {why}")
-            out.append(ids)
-        return out
+        return encode_prompts(self, prompts)
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, max_new_tokens: int | None = None, stop: tuple[str, ...] | None = None,

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from stablerl.decode import route_dtype
-from stablerl.engine import Rollout, sampling_args
+from stablerl.engine import Rollout, encode_prompts, sampling_args
 from stablerl.errors import UserError, one_line
 from stablerl.hf import get_model, save_model
 from stablerl.model import Transformer
@@ -373,15 +373,7 @@ class VLLMBackend:
         return None
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        out = []
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise UserError(f"prompt {i}: expected a string, got {type(p).__name__}")
-            ids = self.tokenizer.encode_prompt(p)
-            if why := self.problem(ids):
-                raise UserError(f"prompt {i}: {why}")
-            out.append(ids)
-        return out
+        return encode_prompts(self, prompts)
 
     @torch.no_grad()
     def sync(self, model: Transformer, gather: Callable[[nn.Module], AbstractContextManager] = nullcontext) -> None:
