@@ -35,6 +35,17 @@ STOP_CHECK_EVERY = 4  # decode steps between stop-string scans (the exact cut is
 # ---- the engine -----------------------------------------------------------------------------------------------
 
 
+def backend_model(model_or_dir, tokenizer, model_seed: int, who: str) -> tuple[Transformer, object]:
+    """(model, tokenizer) a rollout backend starts from: a model object with its tokenizer, or a checkpoint directory
+    / preset name (loaded; `model_seed` is a preset's random init) whose own tokenizer is used unless one is given."""
+    if not isinstance(model_or_dir, nn.Module):
+        model_or_dir, tok = get_model(model_or_dir, seed=model_seed)
+        tokenizer = tokenizer or tok
+    if tokenizer is None:
+        raise ValueError(f"{who}: a tokenizer is needed with a model object")
+    return model_or_dir, tokenizer
+
+
 def encode_prompts(backend, prompts: list[str]) -> list[list[int]]:
     """Prompt ids (`backend.tokenizer.encode_prompt`); UserError naming the prompt's index if one cannot be answered
     (`backend.problem`: empty, or no room left in the context). Shared by every rollout backend."""
@@ -107,11 +118,7 @@ class Engine:
                  gather: Callable[[nn.Module], AbstractContextManager] = nullcontext):
         if numerics not in NUMERICS:
             raise UserError(f"numerics: got {numerics!r}, expected one of {', '.join(map(repr, NUMERICS))}")
-        if not isinstance(model_or_dir, nn.Module):
-            model_or_dir, tok = get_model(model_or_dir, seed=model_seed)  # model_seed: presets' random init
-            tokenizer = tokenizer or tok
-        if tokenizer is None:
-            raise ValueError("Engine: a tokenizer is needed with a model object")
+        model_or_dir, tokenizer = backend_model(model_or_dir, tokenizer, model_seed, "Engine")
         self.tokenizer, self.numerics, self.config = tokenizer, numerics, model_or_dir.config
         self.defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              stop=tuple(stop))

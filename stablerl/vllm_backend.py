@@ -52,9 +52,9 @@ import torch
 import torch.nn as nn
 
 from stablerl.decode import route_dtype
-from stablerl.engine import Rollout, encode_prompts, sampling_args
+from stablerl.engine import Rollout, backend_model, encode_prompts, sampling_args
 from stablerl.errors import UserError, one_line
-from stablerl.hf import get_model, save_model
+from stablerl.hf import save_model
 from stablerl.model import Transformer
 from stablerl.rollout import Support
 
@@ -279,12 +279,7 @@ class VLLMBackend:
             raise UserError("engine.backend=vllm: not supported under torchrun yet (every rank would start its own "
                             "vLLM engine); run one process, or use engine.backend=native")
         vllm = import_vllm()
-        if not isinstance(model_or_dir, nn.Module):
-            model_or_dir, tok = get_model(model_or_dir, seed=model_seed)
-            tokenizer = tokenizer or tok
-        if tokenizer is None:
-            raise ValueError("VLLMBackend: a tokenizer is needed with a model object")
-        model = model_or_dir
+        model, tokenizer = backend_model(model_or_dir, tokenizer, model_seed, "VLLMBackend")
         self.tokenizer, self.numerics, self.config = tokenizer, numerics, model.config
         self.defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              stop=tuple(stop))

@@ -247,15 +247,14 @@ def phase_maps(study: Study, stats: dict[str, CellStats], out: Path) -> list[str
             st = [_nanmean([grid[j][i_].mean("staleness_abs_log_max_mean") for j in range(len(rows_))])
                   for i_ in range(len(cols))]
             label = ", ".join(f"{a}={v}" for a, v in zip(rest, other)) or sweep
-            for ax, (what, key, fmt) in zip(axs[2 * i: 2 * i + 2], (("collapse rate", None, "{:.0%}"),
-                                                                     ("final accuracy", "final_accuracy", "{:.0%}"))):
-                vals = [[g.rate if key is None and g.n else g.mean(key) if key else math.nan for g in row]
-                        for row in grid]
+            for ax, (what, key) in zip(axs[2 * i: 2 * i + 2], (("collapse rate", None),
+                                                                ("final accuracy", "final_accuracy"))):
+                vals = [[g.rate if key is None else g.mean(key) for g in row] for row in grid]  # NaN: no runs
                 im = ax.imshow(vals, cmap="RdYlGn_r" if key is None else "RdYlGn", vmin=0, vmax=1, aspect="auto")
                 for r, row in enumerate(vals):
                     for c, v in enumerate(row):
-                        text = "–" if math.isnan(v) else fmt.format(v) + (f"\n({grid[r][c].collapsed}/"
-                                                                          f"{grid[r][c].n})" if key is None else "")
+                        text = "–" if math.isnan(v) else f"{v:.0%}" + (f"\n({grid[r][c].collapsed}/"
+                                                                       f"{grid[r][c].n})" if key is None else "")
                         ax.text(c, r, text, ha="center", va="center", fontsize=7)
                 ax.set_xticks(range(len(cols)), [f"{c}\n|log r| {_fmt(s)}" for c, s in zip(cols, st)], fontsize=7)
                 ax.set_yticks(range(len(rows_)), [f"{r}\nk3 {_fmt(k)}" for r, k in zip(rows_, k3)], fontsize=7)
