@@ -391,23 +391,42 @@ def first_order_gradients(
     g_tok = Σ_i Σ_t w_i,t · Â_i · ∇log π_i,t with w = π/μ (E2), unscaled. Two backward passes.
     """
     params = list(params)
-    dtype = _check_inputs(logp=logp, logp_old=logp_infer, logp_infer=logp_infer, adv=adv, mask=mask)
-    if not logp.requires_grad:
-        raise ValueError("logp: must require grad (it is differentiated with respect to params)")
-    logp = logp.to(dtype).masked_fill(~mask, 0.0)  # (N, T)
-    log_w = (logp.detach() - logp_infer.detach().to(dtype)).masked_fill(~mask, 0.0)  # (N, T) log π/μ
+    g_seq = sequence_gradient(logp, logp_infer, adv, mask, params, retain_graph=True, log_scale=log_scale)
+    logp, log_w, adv = _weights(logp, logp_infer, adv, mask)
+    j_tok = (log_w.exp() * adv[:, None] * logp).sum()  # surrogate whose gradient is g_tok; w is a constant (sg)
+    g_tok = _flat_grad(j_tok, params, retain_graph=retain_graph)
+    return g_seq, g_tok
+
+
+def sequence_gradient(
+    logp: torch.Tensor,
+    logp_infer: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    params: Iterable[torch.Tensor],
+    retain_graph: bool = False,
+    log_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """E1's ascent direction g_seq = Σ_i W_i · Â_i · Σ_t ∇log π_i,t, W_i = Π_t π/μ, divided by max_i W_i (or by
+    exp(log_scale)) -> (P,) flattened over `params` in order. One backward pass."""
+    logp, log_w, adv = _weights(logp, logp_infer, adv, mask)
     log_seq_w = log_w.sum(dim=1)  # (N,) log W_i
     # W_i = exp(Σ_t log w) overflows (or underflows to 0) for long responses; stay in log space and divide
     # every W_i by max_i W_i. That rescales g_seq by one positive constant, and cos(g_seq, g_tok) is
     # scale-invariant, so the fidelity is unchanged; only g_seq's norm loses meaning.
     seq_w = (log_seq_w - (log_seq_w.max() if log_scale is None else log_scale)).exp()  # (N,) in (0, 1]
-    adv = adv.detach().to(dtype)
-    # surrogate scalars whose gradients are the estimators; the weights are constants (sg) in both
-    j_seq = (seq_w * adv * logp.sum(dim=1)).sum()
-    j_tok = (log_w.exp() * adv[:, None] * logp).sum()
-    g_seq = _flat_grad(j_seq, params, retain_graph=True)
-    g_tok = _flat_grad(j_tok, params, retain_graph=retain_graph)
-    return g_seq, g_tok
+    j_seq = (seq_w * adv * logp.sum(dim=1)).sum()  # surrogate whose gradient is g_seq; W is a constant (sg)
+    return _flat_grad(j_seq, list(params), retain_graph=retain_graph)
+
+
+def _weights(logp, logp_infer, adv, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E9's inputs, checked -> (logp (N, T) with its graph, 0 off the mask; log π/μ (N, T) detached; Â (N,))."""
+    dtype = _check_inputs(logp=logp, logp_old=logp_infer, logp_infer=logp_infer, adv=adv, mask=mask)
+    if not logp.requires_grad:
+        raise ValueError("logp: must require grad (it is differentiated with respect to params)")
+    logp = logp.to(dtype).masked_fill(~mask, 0.0)  # (N, T)
+    log_w = (logp.detach() - logp_infer.detach().to(dtype)).masked_fill(~mask, 0.0)  # (N, T) log π/μ
+    return logp, log_w, adv.detach().to(dtype)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

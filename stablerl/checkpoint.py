@@ -194,7 +194,8 @@ class RunLock:
 # Keys a resumed run may change: when to log, evaluate, probe and save, and how long a reward may take. Everything
 # else defines the run (its math, data, model, schedule), and a resumed run that changed it would be a different run.
 RESUMABLE = frozenset({"out_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-                       "train.fidelity_every", "train.samples_per_eval", "train.max_bad_steps", "task.reward_timeout",
+                       "train.fidelity_every", "train.fidelity_minibatches",
+                       "train.samples_per_eval", "train.max_bad_steps", "task.reward_timeout",
                        "train.warn_on", "train.on_warning", "train.cross_step_rows",
                        "train.dist_timeout"})  # logging and monitoring only
 

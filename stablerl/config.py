@@ -74,6 +74,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eval_every: int = 20  # held-out greedy accuracy every k steps (0 = only at the start and end)
     fidelity_every: int = 10  # E9 first-order fidelity probe every k steps (0 = never)
+    # which E8 mini-batches a probe step measures: the most stale one, or each (logged per index j as
+    # fidelity/<stat>/mb<j>: how the replay's bias grows with staleness; one more probe per mini-batch)
+    fidelity_minibatches: Literal["last", "all"] = "last"
     save_every: int = 10
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # abort after this many NaN/Inf steps in a row

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from stablerl.algorithm import cosine, first_order_gradients
+from stablerl.algorithm import cosine, first_order_gradients, sequence_gradient
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -77,42 +77,50 @@ def reward_stats(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.
 
 def fidelity(logp: torch.Tensor, logp_infer: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
              params: list[torch.Tensor], retain_graph: bool = False,
-             reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None) -> dict[str, float]:
+             reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+             logp_own: torch.Tensor | None = None) -> dict[str, float]:
     """E9: cos(g_seq, g_tok) on a probe batch, with mean/max |log W_i| saying how far from first order it is.
 
-    `logp` (N, T) must carry the graph of the current policy; costs two backward passes over it. `reduce(x, op)`
-    ("sum" | "max" over the ranks of a data-parallel job, stablerl.distributed): each rank passes its rows of the
-    probe batch (N may be 0) and every rank gets the statistics of all of them together.
+    `logp` (N, T) must carry the graph of the current policy as the update computes it; costs two backward passes
+    over it. `logp_own` (N, T), with its graph: the same tokens under the router's own choice, when the update
+    replays routes (E7). Routing Replay optimises a policy other than π_θ, so the sequence-level gradient of the
+    true objective is taken under `logp_own`: "fidelity/replay_cosine" = cos(g_seq(own), g_tok(replayed)) says how
+    far the replayed update's direction is from it (one more backward pass). Without replay both policies are one,
+    and it equals "fidelity/cosine". `reduce(x, op)` ("sum" | "max" over the ranks of a data-parallel job,
+    stablerl.distributed): each rank passes its rows of the probe batch (N may be 0) and every rank gets the
+    statistics of all of them together.
     """
-    if reduce is not None:
-        return _fidelity_parts(logp, logp_infer, adv, mask, params, retain_graph, reduce)
-    g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params, retain_graph=retain_graph)
-    log_w = (logp.detach() - logp_infer).masked_fill(~mask, 0.0).sum(1)  # (N,) log W_i, the sequence IS weight
-    return {
-        "fidelity/cosine": cosine(g_seq, g_tok),
-        "fidelity/abs_log_W_mean": float(log_w.abs().mean()),
-        "fidelity/abs_log_W_max": float(log_w.abs().max()),
-    }
-
-
-def _fidelity_parts(logp, logp_infer, adv, mask, params, retain_graph, reduce) -> dict[str, float]:
-    """E9 over rows held by several ranks: g_seq and g_tok are sums over rows, so the ranks' parts add up, once
-    every rank scales W by the same (global) max."""
     params = list(params)
+    reduce = reduce or (lambda x, op: x)  # one process: its rows are all the rows
     log_w = (logp.detach() - logp_infer).masked_fill(~mask, 0.0).sum(1)  # (n,) this rank's log W_i
     here = bool(mask.any())
-    neg = torch.tensor(float("-inf"), dtype=log_w.dtype, device=log_w.device)
-    top = reduce(log_w.max() if here else neg, "max")
+    # g_seq and g_tok are sums over rows, so the ranks' parts add up once every rank scales W by the same max
+    top = reduce(_max_or(log_w, here, float("-inf")), "max")
     if here:
         g_seq, g_tok = first_order_gradients(logp, logp_infer, adv, mask, params, retain_graph=retain_graph,
                                              log_scale=top)
     else:  # no rows here: zeros in the gradients' layout (every parameter, flattened in order)
-        g_seq = g_tok = torch.zeros(sum(p.numel() for p in params), device=log_w.device)
+        g_seq = g_tok = _zeros(params, log_w.device)
     g_seq, g_tok = reduce(g_seq, "sum"), reduce(g_tok, "sum")
     counts = reduce(log_w.new_tensor([float(log_w.abs().sum()), float(len(log_w))], dtype=torch.float64), "sum")
-    top_abs = reduce(log_w.abs().max() if len(log_w) else torch.zeros((), device=log_w.device), "max")
-    return {
+    out = {
         "fidelity/cosine": cosine(g_seq, g_tok),
         "fidelity/abs_log_W_mean": float(counts[0] / counts[1].clamp(min=1)),
-        "fidelity/abs_log_W_max": float(top_abs),
+        "fidelity/abs_log_W_max": float(reduce(_max_or(log_w.abs(), len(log_w) > 0, 0.0), "max")),
     }
+    if logp_own is None:
+        return out | {"fidelity/replay_cosine": out["fidelity/cosine"]}
+    own = mask & torch.isfinite(logp_own.detach())  # truncated sampling: the own policy may not support a token
+    log_w_own = (logp_own.detach() - logp_infer).masked_fill(~own, 0.0).sum(1)  # (n,)
+    top_own = reduce(_max_or(log_w_own, here, float("-inf")), "max")
+    g_true = (sequence_gradient(logp_own, logp_infer, adv, own, params, log_scale=top_own) if here
+              else _zeros(params, log_w.device))
+    return out | {"fidelity/replay_cosine": cosine(reduce(g_true, "sum"), g_tok)}
+
+
+def _max_or(x: torch.Tensor, nonempty: bool, empty: float) -> torch.Tensor:
+    return x.max() if nonempty else torch.tensor(empty, dtype=x.dtype, device=x.device)
+
+
+def _zeros(params: list[torch.Tensor], device) -> torch.Tensor:
+    return torch.zeros(sum(p.numel() for p in params), device=device)

@@ -168,6 +168,9 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+REPLAY_COSINE = "fidelity/replay_cosine"  # cos(g_seq of π_θ's own routing, the update's g_tok): Routing Replay's bias
+
+
 def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **extra) -> dict:
     """The summary of a run directory from its files (config.yaml, metrics.jsonl, train.log): status, held-out
     accuracy (initial / final / best), rollout reward, the collapse verdict with its rule, and the means of the
@@ -195,6 +198,8 @@ def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **ex
                                                      ("train", "n_minibatches"), ("train", "lr"),
                                                      ("engine", "numerics"))}
     best = max(acc, key=lambda p: p[1], default=(None, None))
+    # E9 against the true (own-routing) g_seq, per E8 mini-batch j when the run probed each one
+    per_mb = sorted({int(k.rsplit("mb", 1)[1]) for r in rows for k in r if k.startswith(REPLAY_COSINE + "/mb")})
     return {
         "format": SUMMARY_FORMAT, "run_dir": str(run_dir), "status": status,
         "steps": (cfg.get("train") or {}).get("steps"), "steps_done": done,
@@ -209,6 +214,8 @@ def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **ex
         "entropy_mean": _mean([v for _, v in _series(rows, "entropy/mean")]),
         "staleness_abs_log_max_mean": _mean(stale),
         "fidelity_cosine_mean": _mean([v for _, v in _series(rows, "fidelity/cosine")]),
+        "replay_cosine_mean": _mean([v for _, v in _series(rows, REPLAY_COSINE)]),
+        **{f"replay_cosine_mb{j}_mean": _mean([v for _, v in _series(rows, f"{REPLAY_COSINE}/mb{j}")]) for j in per_mb},
         "clip_frac_mean": _mean([v for _, v in _series(rows, "clip/frac")]),
         "seconds_per_step": _mean([v for _, v in _series(rows, "time/step")]),
         **extra,

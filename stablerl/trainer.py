@@ -356,8 +356,12 @@ class Learner:
             if not mb.passes:
                 continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
             attempted += 1
-            st, fid = update.run(mb, stale=j > 0, probe=probe and j == N - 1, reuse=kept if j == 0 else None)
-            m |= fid
+            every = t.fidelity_minibatches == "all"
+            st, fid = update.run(mb, stale=j > 0, probe=probe and (every or j == N - 1), reuse=kept if j == 0 else None)
+            if every and N > 1:
+                m |= {f"{k}/mb{j}": v for k, v in fid.items()}
+            if j == N - 1:
+                m |= fid
             if self.after_backward is not None:
                 self.after_backward(j)
             gnorm = par.grad_norm(model.parameters(), t.grad_clip)
@@ -561,13 +565,17 @@ class Update:
                     # π/μ_old holds exactly the discrepancy and staleness this gradient is computed under. Rows with
                     # Â = 0 add nothing to either gradient, so the live rows give the cosine of the rows they belong
                     # to. Distributed: the same rows (a prefix of each rank's first micro-batch), gradients summed.
-                    if not par.active:
-                        fid = diag.fidelity(logp, self.logp_infer[rows, :T], self.adv[rows], keep,
-                                            list(self.model.parameters()), retain_graph=True)
-                    else:
-                        sel = torch.isin(rows, mb.first) & live  # (n,)
-                        fid = diag.fidelity(logp[sel], self.logp_infer[rows, :T][sel], self.adv[rows][sel], keep[sel],
-                                            list(self.model.parameters()), retain_graph=True, reduce=par.reduce)
+                    # With Routing Replay (E7) the update optimises the replayed policy: the same rows are run once
+                    # more under the router's own choice, for the true objective's g_seq (the replay's bias, E9).
+                    own = None
+                    if self.replay is not None:
+                        with self.autocast():  # the bare model: a gradient taken, never accumulated (no DDP hook)
+                            own = policy_logprobs(self.model, sub, None, **self.lp_args).logp  # (n, T)
+                    sel = torch.isin(rows, mb.first) & live if par.active else slice(None)  # (n,) the probe rows
+                    fid = diag.fidelity(logp[sel], self.logp_infer[rows, :T][sel], self.adv[rows][sel], keep[sel],
+                                        list(self.model.parameters()), retain_graph=True,
+                                        reduce=par.reduce if par.active else None,
+                                        logp_own=None if own is None else own[sel])
                 if live:
                     out = policy_loss(self.loss, logp, self.logp_old[rows, :T], self.logp_infer[rows, :T],
                                       self.adv[rows], keep, batch=size, **self.hp)

@@ -539,6 +539,28 @@ def test_first_order_gradients_unused_params_and_cosine_edge_cases():
         first_order_gradients(logp.detach(), logp.detach(), adv, mask, [theta])
 
 
+def test_replay_fidelity_against_hand_computed_directions():
+    # Two one-token responses, θ = 0 in R²; logp is linear in θ: own routing ∇logp = a_i, replayed ∇logp = z_i.
+    # Own: log W = (ln 2, 0) -> W / max W = (1, 1/2); g_seq(own) = 1·(+1)·(1, 0) + ½·(−1)·(0, 1) = (1, −½).
+    # Replayed: w = (1, 3); g_tok = 1·(+1)·(1, 1) + 3·(−1)·(0, 1) = (1, −2); g_seq(replayed) ∝ (1/3, −2/3).
+    # cos(g_seq(own), g_tok) = (1 + 1) / (√1.25 · √5) = 0.8; cos(g_seq(replayed), g_tok) = 1 (one token: W = w).
+    from stablerl.diagnostics import fidelity
+
+    theta = torch.zeros(2, dtype=F64, requires_grad=True)
+    a, z = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64), torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=F64)
+    own = (a @ theta + torch.tensor([math.log(2), 0.0], dtype=F64))[:, None]  # (2, 1)
+    own2 = (a @ theta + torch.tensor([math.log(2), 0.0], dtype=F64))[:, None]  # a second graph of it
+    replayed = (z @ theta + torch.tensor([0.0, math.log(3)], dtype=F64))[:, None]  # (2, 1)
+    adv, mask, infer = torch.tensor([1.0, -1.0], dtype=F64), torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 1)
+    out = fidelity(replayed, infer.to(F64), adv, mask, [theta], retain_graph=True, logp_own=own)
+    assert out["fidelity/cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert out["fidelity/replay_cosine"] == pytest.approx(0.8, abs=1e-12)
+    assert out["fidelity/abs_log_W_mean"] == pytest.approx(math.log(3) / 2, abs=1e-12)  # of the replayed policy
+    # without replay both policies are one: the two cosines are the same number
+    plain = fidelity(own2, infer.to(F64), adv, mask, [theta])
+    assert plain["fidelity/replay_cosine"] == plain["fidelity/cosine"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

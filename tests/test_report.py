@@ -290,3 +290,29 @@ def test_phase_diagram_heat_maps_with_measured_axes(tmp_path):
     assert "| replay=R3: collapsed k/n (final acc %) | N1" in md
     assert (tmp_path / "rep" / "phase_grid.png").read_bytes().startswith(PNG)
     assert "## Other cells" not in md  # the sweep's cells are drawn as the phase diagram, not as curves
+
+
+def test_replay_bias_section_per_minibatch(tmp_path):
+    # Two N = 2 cells probed at every mini-batch: R2's cosine falls from 0.99 at j = 0 to 0.9 / 0.8 (seeds 0 / 1) at
+    # j = 1; R3's stays at 0.95. An on-policy cell (N = 1) has no replay bias to show and is left out.
+    d = tmp_path / "runs"
+    for name, n, replay, by_seed in (("n2_R2", 2, "R2", [(0.99, 0.9), (0.99, 0.8)]),
+                                     ("n2_R3", 2, "R3", [(0.95, 0.95), (0.95, 0.95)]),
+                                     ("onpol", 1, "none", [(1.0, 1.0), (1.0, 1.0)])):
+        for s, (c0, c1) in enumerate(by_seed):
+            run = d / name / f"seed{s}"
+            write_run(run, RISE, {0: 0.3, 60: 0.8}, seed=s)
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            cfg["train"]["n_minibatches"], cfg["algo"]["replay"] = n, replay
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+            probe = {"fidelity/replay_cosine/mb0": c0, "fidelity/replay_cosine/mb1": c1, "fidelity/replay_cosine": c1}
+            rows_ = [{**r, **probe} if "fidelity/cosine" in r else r for r in rows(RISE, {0: 0.3, 60: 0.8})]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    assert summarize_run(d / "n2_R2" / "seed1")["replay_cosine_mb1_mean"] == pytest.approx(0.8)
+    md = write_report([d], tmp_path / "rep").read_text()
+    assert "## Routing Replay bias (E9 per mini-batch)" in md
+    md = md.split("## Routing Replay bias")[1].split("\n## ")[0]  # the section alone
+    assert "| onpol |" not in md and "![Routing Replay bias](replay_bias.png)" in md
+    assert "| n2_R2 | 2 | R2 | 2 | 0.85 ± 0.071 | 0.990 / 0.850 | 0.99 ± 0 | 80.0 ± 0.0 | 0/2 |" in md
+    assert "| n2_R3 | 2 | R3 | 2 | 0.95 ± 0 | 0.950 / 0.950 |" in md
+    assert (tmp_path / "rep" / "replay_bias.png").read_bytes().startswith(PNG)

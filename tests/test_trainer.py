@@ -61,6 +61,21 @@ def test_r3_routes_agree_and_off_policy_is_stale(tmp_path):
     assert any(r["is/staleness_max"] > 1.0 or r["is/staleness_min"] < 1.0 for r in steps)
 
 
+def test_replay_bias_probe_per_minibatch_and_it_does_not_touch_the_run(tmp_path):
+    # R2 replays θ_old's own routes. At the first mini-batch θ = θ_old, so the replayed policy is π_θ itself and the
+    # replay's bias is zero: the E9 cosine against the true (own-routing) g_seq equals the plain one. Probing every
+    # mini-batch takes gradients but never accumulates them: the run is the same as one probing the last only.
+    common = ["train.steps=3", "engine.numerics=bf16", "algo.replay=R2", "train.n_minibatches=2", "train.lr=3e-3"]
+    every = [r for r in _run(tmp_path, "all", [*common, "train.fidelity_minibatches=all"]) if "loss/policy" in r]
+    last = [r for r in _run(tmp_path, "last", common) if "loss/policy" in r]
+    assert len(every) == len(last) >= 2
+    for a, b in zip(every, last):
+        assert a["loss/policy"] == b["loss/policy"] and a["grad/norm"] == b["grad/norm"]
+        assert a["fidelity/replay_cosine"] == a["fidelity/replay_cosine/mb1"] == b["fidelity/replay_cosine"]
+        assert abs(a["fidelity/replay_cosine/mb0"] - a["fidelity/cosine/mb0"]) < 1e-6
+        assert "fidelity/cosine/mb0" not in b
+
+
 def test_r3_with_fp32_engine_replays_the_trainers_own_routes(tmp_path):
     # The engine's routes laid out like the training batch (prompt then response tokens, full_routes) against the
     # trainer's own router, computed independently: with fp32 numerics they agree on every token of every layer, so

@@ -188,6 +188,7 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
         md += phase_maps(study, stats, out)
         plotted |= {c.name for c in study.cells.values() if c.sweep and all(a in study.sweeps[c.sweep]
                                                                                for a in PHASE_AXES)}
+    md += replay_bias([stats[c] for c in order], out)
     rest = [c for c in order if c not in plotted]
     if rest:
         md += ["## Cells" if not verdicts else "## Other cells", "", *cell_table([stats[c] for c in rest]), ""]
@@ -267,6 +268,47 @@ def phase_maps(study: Study, stats: dict[str, CellStats], out: Path) -> list[str
             md.append("")
         png = save_png(fig, out / f"phase_{_slug(sweep)}.png", dpi=100)
         md += [f"![phase diagram {sweep}]({png.name})", ""]
+    return md
+
+
+def replay_bias(stats: list[CellStats], out: Path) -> list[str]:
+    """Routing Replay's bias (issue 17): for the cells at N > 1, E9's cosine between each update's direction (under
+    the routes it replays) and the sequence-level gradient of π_θ's own routing, next to the cell's accuracy; per
+    mini-batch j, with a plot, when the runs probed every one (train.fidelity_minibatches=all)."""
+    cells = [c for c in stats if c.n and (c.runs[0]["config"].get("n_minibatches") or 1) > 1
+             and not math.isnan(c.mean("replay_cosine_mean"))]
+    if not cells:
+        return []
+    cells.sort(key=lambda c: c.runs[0]["config"]["n_minibatches"])  # stable: study order within one N
+    md = ["## Routing Replay bias (E9 per mini-batch)", "",
+          "Under Routing Replay (E7) an update differentiates a policy whose experts θ_old (R2) or the rollout engine "
+          "(R3) chose, not π_θ's own. *cos* compares that update's token-level direction (E2, unclipped) with the "
+          "sequence-level gradient (E1) of π_θ under its own routing, on the same rows: 1 = no bias; without replay "
+          "it is the plain E9 cosine. *E9 cosine* is the first-order fidelity of the policy the update differentiates. "
+          "Mean ± std over seeds of each run's mean over its probe steps.", "",
+          "| cell | N | replay | seeds | cos, last mini-batch | cos at mini-batch j = 0, 1, ... | E9 cosine | "
+          "final acc % | collapsed |", "|---|---|---|---|---|---|---|---|---|"]
+    curves: dict[int, list[tuple[str, list[float]]]] = {}
+    for c in cells:
+        cfg = c.runs[0]["config"]
+        n = cfg["n_minibatches"]
+        by_j = [c.mean(f"replay_cosine_mb{j}_mean") for j in range(n)]
+        if not all(math.isnan(v) for v in by_j):
+            curves.setdefault(n, []).append((c.name, by_j))
+        md.append(f"| {c.name} | {n} | {cfg.get('replay')} | {c.n} | {_pm(c, 'replay_cosine_mean', False)} | "
+                  f"{' / '.join(_fmt(v) for v in by_j) if c.name in dict(curves.get(n, [])) else '-'} | "
+                  f"{_pm(c, 'fidelity_cosine_mean', False)} | {_pm(c, 'final_accuracy')} | {c.collapsed}/{c.n} |")
+    md.append("")
+    if curves:
+        fig, axes = panel_axes(len(curves), 4.6, 3.2)
+        for ax, (n, lines) in zip(axes, sorted(curves.items())):
+            for name, ys in lines:
+                ax.plot(range(n), ys, marker="o", markersize=3, linewidth=1.2, label=name)
+            ax.set_xlabel("mini-batch j (staleness grows with j)", fontsize=7)
+            finish_panel(ax, f"N = {n}: cos(g_seq own, g_tok replayed)", False, legend_size=6)
+        fig.suptitle("Routing Replay bias per mini-batch: seed mean of each run's mean over probe steps", fontsize=10)
+        png = save_png(fig, out / "replay_bias.png", dpi=100)
+        md += [f"![Routing Replay bias]({png.name})", ""]
     return md
 
 
