@@ -8,6 +8,7 @@ first-order fidelity) a threshold rule is chosen on one half of the runs and jud
   all), Youden's J; ties go to the longer median lead;
 - on the held-out half it is scored as it stands: detections k/n, lead time (collapse step - first alarm, in steps)
   and false alarms k/n. The table is ranked by the held-out J, then by lead.
+An alarm is a crossing: the signal beyond the threshold after an earlier value on the safe side (first_alarm).
 
 A run's collapse step is the collapse rule's (stablerl.report.detect_collapse), so it lags the first bad step by up
 to the rule's smoothing window: a lead of 0-2 steps is no warning in practice. No torch; plain metrics rows in.
@@ -51,7 +52,17 @@ class Curve:
 
 
 def first_alarm(curve: Curve, rule: Rule) -> int | None:
-    return next((s for s, v in curve.series(rule.signal) if rule.beyond(v)), None)
+    """The first step the signal crosses from the safe side to beyond the threshold (train.warn_on's Watch fires
+    there too). A value beyond from the first step on marks the configuration, not a change, and is no alarm:
+    otherwise e.g. `clip/frac<1e-4` would "lead" every on-policy collapse by its whole length (clip fraction is 0
+    there by construction), and rank first by telling cells apart."""
+    safe_seen = False
+    for s, v in curve.series(rule.signal):
+        if not rule.beyond(v):
+            safe_seen = True
+        elif safe_seen:
+            return s
+    return None
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,14 @@ class Rule:
 @dataclass
 class Watch:
     """The trainer's view of its rules: `check(metrics)` returns the rules that crossed at this step. A rule fires
-    on the step its signal goes beyond the threshold and again only after it has come back: one warning per
-    excursion, not one per step of a long one."""
+    on the step its signal crosses from the safe side to beyond the threshold, and again only after it has come
+    back: one warning per excursion, not one per step of a long one. A warning marks a change, so a signal that is
+    beyond from its first value on (a property of the configuration, e.g. clip fraction 0 on-policy) does not fire
+    until it has been back once: the lead-time study (stablerl.leadtime.first_alarm) counts alarms the same way.
+    NaN or a missing value counts as neither side."""
 
     rules: tuple[Rule, ...]
-    beyond: dict[str, bool] = field(default_factory=dict)
+    beyond: dict[str, bool] = field(default_factory=dict)  # per rule: beyond at its last value; absent: none yet
 
     @classmethod
     def of(cls, texts: tuple[str, ...] | list[str]) -> Watch:
@@ -65,8 +68,11 @@ class Watch:
     def check(self, metrics: dict) -> list[Rule]:
         fired = []
         for r in self.rules:
-            now = r.beyond(metrics.get(r.signal))
-            if now and not self.beyond.get(str(r), False):
+            v = metrics.get(r.signal)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                continue
+            now = r.beyond(v)
+            if now and self.beyond.get(str(r)) is False:
                 fired.append(r)
             self.beyond[str(r)] = now
         return fired

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stablerl.leadtime import Curve, choose, markdown, rank_signals, score, split
+from stablerl.leadtime import Curve, choose, first_alarm, markdown, rank_signals, score, split
 from stablerl.warning import Rule
 
 
@@ -22,6 +22,16 @@ def test_score_counts_detections_leads_and_false_alarms():
     sc = score(Rule("kl/k3", ">", 0.01), runs)
     assert (sc.detected, sc.collapsed, sc.false_alarms, sc.stable, sc.leads) == (1, 2, 1, 2, (2,))
     assert sc.j == pytest.approx(1 / 2 - 1 / 2) and sc.lead == 2
+
+
+def test_an_alarm_is_a_crossing_not_a_starting_value():
+    # a signal beyond the threshold from step 1 on (as clip/frac < 1e-4 is on-policy, where it is 0 by construction)
+    # marks the configuration, not a change: no alarm; one that starts beyond, comes back and crosses again alarms at
+    # the crossing (step 4)
+    rule = Rule("kl/k3", ">", 0.01)
+    assert first_alarm(_curve("a", [0.02, 0.03, 0.05], collapse=3), rule) is None
+    assert first_alarm(_curve("b", [0.02, 0.005, 0.006, 0.02, 0.1], collapse=5), rule) == 4
+    assert score(rule, [_curve("s", [0.02, 0.02, 0.02])]).false_alarms == 0
 
 
 def test_choose_finds_the_separating_threshold_and_direction():

@@ -38,12 +38,14 @@ def test_cross_step_routing_sees_a_constructed_flip():
 
 def test_a_rule_fires_once_per_excursion():
     w = Watch.of(["kl/k3>0.01", "route/cross_step/mean<0.97"])
+    cross = "route/cross_step/mean"
     seq = [{"kl/k3": 0.001}, {"kl/k3": 0.02}, {"kl/k3": 0.05}, {"kl/k3": float("nan")}, {"kl/k3": 0.03},
-           {"kl/k3": 0.005}, {"kl/k3": 0.011, "route/cross_step/mean": 0.96}, {}]
+           {"kl/k3": 0.005, cross: 0.96}, {"kl/k3": 0.011, cross: 0.99}, {cross: 0.95}, {}]
     fired = [[str(r) for r in w.check(m)] for m in seq]
-    # fires at 0.02, not again while above; a NaN (the abort guard's business) ends the excursion, so 0.03 fires
-    # again; the rule on a missing metric never fires
-    assert fired == [[], ["kl/k3>0.01"], [], [], ["kl/k3>0.01"], [], ["kl/k3>0.01", "route/cross_step/mean<0.97"], []]
+    # k3 fires at 0.02 and not again while above; a NaN (the abort guard's business) is neither side, so 0.03 is
+    # the same excursion; back at 0.005, then 0.011 fires again. Cross-step routing starts beyond (0.96): that is
+    # the configuration, not a change, so it fires only after it has been back (0.99) and crossed again (0.95).
+    assert fired == [[], ["kl/k3>0.01"], [], [], [], [], ["kl/k3>0.01"], [f"{cross}<0.97"], []]
     assert Rule.parse(" entropy/mean < 1e-3 ") == Rule("entropy/mean", "<", 1e-3)
     for bad in ("kl/k3", "kl/k3>=0.1", "kl/k3>abc", ">0.1"):
         with pytest.raises(ValueError, match="bad warning rule"):
@@ -53,19 +55,21 @@ def test_a_rule_fires_once_per_excursion():
 
 
 def test_the_hook_warns_once_then_stops_with_a_checkpoint(tmp_path):
-    # reward/mean > -1 holds at every step: one warning, at step 1; on_warning=stop ends the run there, with a
-    # checkpoint to resume from. Cross-step routing is logged at every step of the (MoE) run.
-    args = [f"out_dir={tmp_path}", *TINY, "train.steps=3", "train.save_every=0", "train.warn_on=[reward/mean>-1]"]
+    # The warmup takes the learning rate from 1e-4 (step 1) to 2e-4 and 3e-4 (lr 1e-3 over 10 steps):
+    # train/lr > 1.5e-4 crosses at step 2 and stays beyond: one warning, at step 2; on_warning=stop ends the run
+    # there, with a checkpoint to resume from. Cross-step routing is logged at every step of the (MoE) run.
+    args = [f"out_dir={tmp_path}", *TINY, "train.steps=3", "train.save_every=0", "train.warmup_steps=10",
+            "train.lr_schedule=constant", "train.warn_on=[train/lr>1.5e-4]"]
     cont = load_config(None, [*args, "name=cont"])
     assert train(cont, show_progress=False).steps == 3
     rows = [r for r in read_metrics(tmp_path / "cont" / "metrics.jsonl") if "reward/mean" in r]
-    assert [r["step"] for r in rows if "warn/reward/mean" in r] == [1]
-    assert rows[0]["warn/reward/mean"] == rows[0]["reward/mean"]
+    assert [r["step"] for r in rows if "warn/train/lr" in r] == [2]
+    assert rows[1]["warn/train/lr"] == rows[1]["train/lr"] == pytest.approx(2e-4)
     assert all(0 < r["route/cross_step/mean"] <= 1 and "route/cross_step/layer0" in r for r in rows)
     stop = load_config(None, [*args, "name=stop", "train.on_warning=stop"])
-    assert train(stop, show_progress=False).steps == 1
-    assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl") if "reward/mean" in r] == [1]
-    assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["step_000001"]
+    assert train(stop, show_progress=False).steps == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl") if "reward/mean" in r] == [1, 2]
+    assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["step_000002"]
     off = load_config(None, [*args, "name=nocross", "train.cross_step_rows=0", "train.steps=1"])
     train(off, show_progress=False)
     assert not any("route/cross_step/mean" in r for r in read_metrics(tmp_path / "nocross" / "metrics.jsonl"))
