@@ -214,10 +214,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, new: dict, allowed: frozenset[str] = RESUMABLE,
                    within: tuple[str, ...] = ()) -> list[str]:
     """'key (was a, now b)' for every key of two nested config dicts that differs, but the `allowed` ones (and, with
-    `within`, those outside these prefixes). Used by --resume and by the study executor."""
+    `within`, those outside these prefixes). Used by --resume and by the study executor. A key the saved config lacks
+    is no change while the new value is its default: the run was made before the key existed, and a new key's
+    default keeps the behaviour from before it (so a study can go on over several versions of stablerl)."""
+    from stablerl.config import Config
+
     a, b = flatten(saved), flatten(new)
+    defaults = flatten(json.loads(json.dumps(dataclasses.asdict(Config()))))  # tuples as lists, as YAML reads them
     return [f"{k} (was {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and k not in allowed and (not within or k.startswith(within))]
+            if a.get(k) != b.get(k) and k not in allowed and (not within or k.startswith(within))
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def check_resume_config(saved, new, saved_path: Path) -> None:

@@ -316,3 +316,24 @@ def test_replay_bias_section_per_minibatch(tmp_path):
     assert "| n2_R2 | 2 | R2 | 2 | 0.85 ± 0.071 | 0.990 / 0.850 | 0.99 ± 0 | 80.0 ± 0.0 | 0/2 |" in md
     assert "| n2_R3 | 2 | R3 | 2 | 0.95 ± 0 | 0.950 / 0.950 |" in md
     assert (tmp_path / "rep" / "replay_bias.png").read_bytes().startswith(PNG)
+
+
+def test_copy_runs_keeps_finished_runs_and_cold_starts_to_remake_the_report(tmp_path):
+    d = make_study(tmp_path)
+    (d / "cold" / "mix" / "model").mkdir()
+    (d / "cold" / "mix" / "model" / "config.json").write_text("{}")
+    write_run(d / "lennorm" / "seed2", RISE[:20], steps=60, seed=2)  # interrupted: left out
+    (d / "minirl" / "seed0" / "checkpoints" / "step_000060").mkdir(parents=True)
+    (d / "minirl" / "seed0" / "checkpoints" / "step_000060" / "model.safetensors").write_bytes(b"x")
+    rep = tmp_path / "rep"
+    assert main(["report", str(d), "--out", str(rep), "--copy-runs"]) == 0
+    kept = rep / "runs" / "demo"
+    assert (kept / "study.yaml").read_text() == STUDY and (kept / "commands.log").exists()
+    assert sorted(p.parent.relative_to(kept).as_posix() for p in kept.rglob("metrics.jsonl")) == [
+        "cold/mix", "lennorm/seed0", "lennorm/seed1", *(f"minirl/seed{s}" for s in range(3)),
+        *(f"minirl_no_is/seed{s}" for s in range(3))]
+    assert (kept / "cold" / "mix" / "model" / "config.json").exists() and not list(kept.rglob("checkpoints"))
+    # the copy alone makes the same report (the interrupted run aside: 1 missing either way)
+    assert main(["report", str(kept), "--out", str(tmp_path / "again")]) == 0
+    verdicts = [ln for ln in (tmp_path / "again" / "report.md").read_text().splitlines() if ln.startswith("| F")]
+    assert verdicts == [ln for ln in (rep / "report.md").read_text().splitlines() if ln.startswith("| F")]

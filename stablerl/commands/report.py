@@ -350,6 +350,44 @@ def _slug(title: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", title).strip("_") or "plot"
 
 
+# ---- a study's results, kept -------------------------------------------------------------------------------------
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "train.log", "samples.jsonl")  # no checkpoints, no tb
+COLD_FILES = ("config.yaml", "metrics.jsonl", "sft.json", "sft.log")  # and model/: the runs still to come start there
+
+
+def copy_runs(dirs: list[Path], dest: Path) -> int:
+    """Copy the finished runs under `dirs` (their small files) and the built cold starts (with their model) to
+    dest/<dir name>/..., with each study's study.yaml and commands.log: a report can be re-made from the copy, and
+    a study continued from it (copied back to <out>/<study>, the executor skips what is finished and runs the rest
+    from the same cold starts). Unfinished runs are left out: without their checkpoints they would start over
+    anyway. Returns the number of runs copied."""
+    import shutil
+
+    from stablerl.report import run_status
+
+    n = 0
+    for d in map(Path, dirs):
+        _, runs, cold = find_runs([d])
+        top = dest / d.name
+        for f in ("study.yaml", "commands.log"):
+            if (d / f).exists():
+                top.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(d / f, top / f)
+        done = [f.run_dir for f in runs if run_status(f.run_dir)[0] in ("done", "aborted")]
+        built = [c for c in cold if (c / "model" / "config.json").exists()]
+        for run, names in [(r, RUN_FILES) for r in done] + [(c, COLD_FILES) for c in built]:
+            to = top / run.relative_to(d)
+            to.mkdir(parents=True, exist_ok=True)
+            for f in names:
+                if (run / f).exists():
+                    shutil.copy2(run / f, to / f)
+            if (run / "model").is_dir():
+                shutil.copytree(run / "model", to / "model", dirs_exist_ok=True)
+        n += len(done)
+    return n
+
+
 # ---- the command --------------------------------------------------------------------------------------------------
 
 
@@ -358,6 +396,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="where to write report.md and the plots (default docs/results/<study "
                    "name>, or docs/results/report)")
     p.add_argument("--study", default=None, help="a study YAML whose cells and findings to apply to DIRS")
+    p.add_argument("--copy-runs", action="store_true", help="also copy the finished runs' small files (config, "
+                   "metrics, summary, logs; the cold starts with their model) to OUT/runs: the report can be re-made "
+                   "from them, and the study continued (docs/reproduce.md)")
 
 
 def run(args) -> int:
@@ -371,4 +412,7 @@ def run(args) -> int:
         out = Path("docs/results") / name
     path = write_report(dirs, Path(out), args.study)
     Console().print(f"[bold]report[/bold]: {path}")
+    if args.copy_runs:
+        n = copy_runs(dirs, Path(out) / "runs")
+        Console().print(f"[bold]runs[/bold]: {n} finished runs copied to {Path(out) / 'runs'}")
     return 0
