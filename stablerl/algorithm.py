@@ -414,7 +414,8 @@ def sequence_gradient(
     # W_i = exp(Σ_t log w) overflows (or underflows to 0) for long responses; stay in log space and divide
     # every W_i by max_i W_i. That rescales g_seq by one positive constant, and cos(g_seq, g_tok) is
     # scale-invariant, so the fidelity is unchanged; only g_seq's norm loses meaning.
-    seq_w = (log_seq_w - (log_seq_w.max() if log_scale is None else log_scale)).exp()  # (N,) in (0, 1]
+    # rows without tokens (0 here) may lie above a given scale: the clamp keeps their weight finite (they add 0)
+    seq_w = (log_seq_w - (log_seq_w.max() if log_scale is None else log_scale)).clamp(max=0.0).exp()  # (N,) (0, 1]
     j_seq = (seq_w * adv * logp.sum(dim=1)).sum()  # surrogate whose gradient is g_seq; W is a constant (sg)
     return _flat_grad(j_seq, list(params), retain_graph=retain_graph)
 

@@ -221,7 +221,11 @@ def config_changes(saved: dict, new: dict, allowed: frozenset[str] = RESUMABLE,
 
     a, b = flatten(saved), flatten(new)
     defaults = flatten(json.loads(json.dumps(dataclasses.asdict(Config()))))  # tuples as lists, as YAML reads them
-    return [f"{k} (was {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(a.keys() | b.keys())
+    def was(k):
+        return repr(a[k]) if k in a else "absent"
+
+    return [f"{k} (was {was(k)}, now {b[k]!r})" if k in b else f"{k} (was {was(k)}, now absent)"
+            for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k not in allowed and (not within or k.startswith(within))
             and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 

@@ -3,6 +3,9 @@
 Loaded as defaults <- YAML file <- `key.sub=value` command-line overrides, validated field by field; an unknown
 key or a bad value raises `ConfigError` naming the file:line, the key, the value and what is allowed (with a
 closest-match suggestion for typos). The resolved config is written as `config.yaml` in each run directory.
+
+A new key's default must keep the behaviour from before the key existed: a run saved without it then still counts
+as the same run (checkpoint.config_changes), so a resume or a study goes on across versions of stablerl.
 """
 
 from __future__ import annotations

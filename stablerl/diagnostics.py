@@ -78,17 +78,20 @@ def reward_stats(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.
 def fidelity(logp: torch.Tensor, logp_infer: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
              params: list[torch.Tensor], retain_graph: bool = False,
              reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
-             logp_own: torch.Tensor | None = None) -> dict[str, float]:
+             logp_own: torch.Tensor | None = None, mask_own: torch.Tensor | None = None) -> dict[str, float]:
     """E9: cos(g_seq, g_tok) on a probe batch, with mean/max |log W_i| saying how far from first order it is.
 
     `logp` (N, T) must carry the graph of the current policy as the update computes it; costs two backward passes
     over it. `logp_own` (N, T), with its graph: the same tokens under the router's own choice, when the update
-    replays routes (E7). Routing Replay optimises a policy other than π_θ, so the sequence-level gradient of the
-    true objective is taken under `logp_own`: "fidelity/replay_cosine" = cos(g_seq(own), g_tok(replayed)) says how
-    far the replayed update's direction is from it (one more backward pass). Without replay both policies are one,
-    and it equals "fidelity/cosine". `reduce(x, op)` ("sum" | "max" over the ranks of a data-parallel job,
-    stablerl.distributed): each rank passes its rows of the probe batch (N may be 0) and every rank gets the
-    statistics of all of them together.
+    replays routes (E7), and `mask_own` their response tokens (default `mask`). Routing Replay differentiates a
+    policy other than π_θ, so the true objective's sequence-level gradient g_seq(own) is taken under `logp_own`
+    (one more backward pass):
+    - "fidelity/replay_cosine" = cos(g_seq(own), g_tok): how far the update's direction is from the true objective's,
+      the first-order error and the replay's bias together (without replay it is "fidelity/cosine");
+    - "fidelity/routing_bias_cosine" = cos(g_seq(own), g_seq): the replay's bias alone (1 without replay).
+    A sampled token π_θ's own routing gives probability 0 (truncated sampling) makes W_i = 0: its row drops out of
+    g_seq(own). `reduce(x, op)` ("sum" | "max" over the ranks of a data-parallel job, stablerl.distributed): each
+    rank passes its rows of the probe batch (N may be 0) and every rank gets the statistics of all of them together.
     """
     params = list(params)
     reduce = reduce or (lambda x, op: x)  # one process: its rows are all the rows
@@ -109,13 +112,19 @@ def fidelity(logp: torch.Tensor, logp_infer: torch.Tensor, adv: torch.Tensor, ma
         "fidelity/abs_log_W_max": float(reduce(_max_or(log_w.abs(), len(log_w) > 0, 0.0), "max")),
     }
     if logp_own is None:
-        return out | {"fidelity/replay_cosine": out["fidelity/cosine"]}
-    own = mask & torch.isfinite(logp_own.detach())  # truncated sampling: the own policy may not support a token
+        return out | {"fidelity/replay_cosine": out["fidelity/cosine"],
+                      "fidelity/routing_bias_cosine": cosine(g_seq, g_seq)}
+    mask_own = mask if mask_own is None else mask_own
+    zero = (mask_own & (logp_own.detach() == float("-inf"))).any(1)  # (n,) rows with W_i = 0 under π_θ's own routing
+    own = mask_own & ~zero[:, None]  # (n, T); NaN stays in, and reaches the cosine
+    live = own.any(1)  # (n,)
     log_w_own = (logp_own.detach() - logp_infer).masked_fill(~own, 0.0).sum(1)  # (n,)
-    top_own = reduce(_max_or(log_w_own, here, float("-inf")), "max")
-    g_true = (sequence_gradient(logp_own, logp_infer, adv, own, params, log_scale=top_own) if here
+    top_own = reduce(_max_or(log_w_own[live], bool(live.any()), float("-inf")), "max")
+    g_true = (sequence_gradient(logp_own, logp_infer, adv, own, params, log_scale=top_own) if live.any()
               else _zeros(params, log_w.device))
-    return out | {"fidelity/replay_cosine": cosine(reduce(g_true, "sum"), g_tok)}
+    g_true = reduce(g_true, "sum")
+    return out | {"fidelity/replay_cosine": cosine(g_true, g_tok),
+                  "fidelity/routing_bias_cosine": cosine(g_true, g_seq)}
 
 
 def _max_or(x: torch.Tensor, nonempty: bool, empty: float) -> torch.Tensor:

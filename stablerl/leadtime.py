@@ -53,15 +53,17 @@ class Curve:
 
 def first_alarm(curve: Curve, rule: Rule) -> int | None:
     """The first step the signal crosses from the safe side to beyond the threshold (train.warn_on's Watch fires
-    there too). A value beyond from the first step on marks the configuration, not a change, and is no alarm:
+    there too). A value beyond at the run's first RL step marks the configuration, not a change, and is no alarm:
     otherwise e.g. `clip/frac<1e-4` would "lead" every on-policy collapse by its whole length (clip fraction is 0
-    there by construction), and rank first by telling cells apart."""
-    safe_seen = False
+    there by construction), and rank first by telling cells apart. A signal first logged later (fidelity every k
+    steps) alarms on its first value beyond."""
+    first = min((r["step"] for r in curve.rows if r.get("step", 0) >= 1), default=1)
+    before = None  # beyond at the signal's previous value; None: no value yet
     for s, v in curve.series(rule.signal):
-        if not rule.beyond(v):
-            safe_seen = True
-        elif safe_seen:
+        now = rule.beyond(v)
+        if now and (before is False or (before is None and s > first)):
             return s
+        before = now
     return None
 
 

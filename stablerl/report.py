@@ -168,7 +168,9 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-REPLAY_COSINE = "fidelity/replay_cosine"  # cos(g_seq of π_θ's own routing, the update's g_tok): Routing Replay's bias
+# Routing Replay's bias (E9 against π_θ's own routing): cos(g_seq(own), the update's g_tok), and cos(g_seq(own),
+# the replayed policy's g_seq), the bias alone; summarised as <name>_mean, and <name>_mb<j>_mean per mini-batch j
+REPLAY_STATS = ("replay_cosine", "routing_bias_cosine")
 
 
 def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **extra) -> dict:
@@ -199,7 +201,12 @@ def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **ex
                                                      ("engine", "numerics"))}
     best = max(acc, key=lambda p: p[1], default=(None, None))
     # E9 against the true (own-routing) g_seq, per E8 mini-batch j when the run probed each one
-    per_mb = sorted({int(k.rsplit("mb", 1)[1]) for r in rows for k in r if k.startswith(REPLAY_COSINE + "/mb")})
+    replay = {}
+    for name in REPLAY_STATS:
+        key = f"fidelity/{name}"
+        replay[f"{name}_mean"] = _mean([v for _, v in _series(rows, key)])
+        for j in sorted({int(k.rsplit("mb", 1)[1]) for r in rows for k in r if k.startswith(key + "/mb")}):
+            replay[f"{name}_mb{j}_mean"] = _mean([v for _, v in _series(rows, f"{key}/mb{j}")])
     return {
         "format": SUMMARY_FORMAT, "run_dir": str(run_dir), "status": status,
         "steps": (cfg.get("train") or {}).get("steps"), "steps_done": done,
@@ -214,8 +221,7 @@ def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **ex
         "entropy_mean": _mean([v for _, v in _series(rows, "entropy/mean")]),
         "staleness_abs_log_max_mean": _mean(stale),
         "fidelity_cosine_mean": _mean([v for _, v in _series(rows, "fidelity/cosine")]),
-        "replay_cosine_mean": _mean([v for _, v in _series(rows, REPLAY_COSINE)]),
-        **{f"replay_cosine_mb{j}_mean": _mean([v for _, v in _series(rows, f"{REPLAY_COSINE}/mb{j}")]) for j in per_mb},
+        **replay,
         "clip_frac_mean": _mean([v for _, v in _series(rows, "clip/frac")]),
         "seconds_per_step": _mean([v for _, v in _series(rows, "time/step")]),
         **extra,

@@ -140,6 +140,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     learner = Learner(cfg, model, forward, opt, tok.pad_id, device, par)
     bad_in_row = state.get("bad_in_row", 0)
     watch = Watch.of(t.warn_on)
+    if ckpt is not None and t.warn_on:  # resumed: each rule continues from the side its signal was on, not anew
+        for row in par.broadcast(read_metrics(metrics_path) if par.main else None):
+            if 1 <= row.get("step", 0) <= start:
+                watch.check(row)
     done = start
     t_start = time.perf_counter()
 
@@ -352,11 +356,11 @@ class Learner:
             sub = RouteProbe.of(packed, order.flatten()[: t.cross_step_rows].to(device))
             with autocast():
                 cross = (sub, expert_routes(model, sub))
+        every = t.fidelity_minibatches == "all"  # E9 at each mini-batch (logged per j), else at the most stale one
         for j, mb in enumerate(batches):
             if not mb.passes:
                 continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
             attempted += 1
-            every = t.fidelity_minibatches == "all"
             st, fid = update.run(mb, stale=j > 0, probe=probe and (every or j == N - 1), reuse=kept if j == 0 else None)
             if every and N > 1:
                 m |= {f"{k}/mb{j}": v for k, v in fid.items()}
@@ -561,21 +565,26 @@ class Update:
                 if not live and not par.active:
                     continue
                 if probe and k == 0:
-                    # E9 on the most stale mini-batch (its first micro-batch), at the weights its update sees: w =
-                    # π/μ_old holds exactly the discrepancy and staleness this gradient is computed under. Rows with
-                    # Â = 0 add nothing to either gradient, so the live rows give the cosine of the rows they belong
-                    # to. Distributed: the same rows (a prefix of each rank's first micro-batch), gradients summed.
-                    # With Routing Replay (E7) the update optimises the replayed policy: the same rows are run once
-                    # more under the router's own choice, for the true objective's g_seq (the replay's bias, E9).
+                    # E9 on a probed mini-batch (the most stale one, or each: train.fidelity_minibatches), on its first
+                    # micro-batch, at the weights its update sees: w = π/μ_old holds exactly the discrepancy and
+                    # staleness this gradient is computed under. Rows with Â = 0 add nothing to either gradient, so
+                    # the live rows give the cosine of the rows they belong to. Distributed: the same rows (a prefix of
+                    # each rank's first micro-batch), gradients summed.
+                    everyone = torch.ones_like(rows, dtype=torch.bool)
+                    sel = torch.isin(rows, mb.first) & live if par.active else everyone  # (n,) the probe rows
+                    # With Routing Replay (E7) the update differentiates the replayed policy: the probe rows are run
+                    # once more under the router's own choice, for the true objective's g_seq (the replay's bias). Also
+                    # for R2's first mini-batch, where both are π_θ: a check that costs one forward every k steps.
                     own = None
-                    if self.replay is not None:
+                    if self.replay is not None and bool(sel.any()):
                         with self.autocast():  # the bare model: a gradient taken, never accumulated (no DDP hook)
-                            own = policy_logprobs(self.model, sub, None, **self.lp_args).logp  # (n, T)
-                    sel = torch.isin(rows, mb.first) & live if par.active else slice(None)  # (n,) the probe rows
+                            own = policy_logprobs(self.model, sub, None, **self.lp_args).logp[sel]  # (n_probe, T)
                     fid = diag.fidelity(logp[sel], self.logp_infer[rows, :T][sel], self.adv[rows][sel], keep[sel],
                                         list(self.model.parameters()), retain_graph=True,
                                         reduce=par.reduce if par.active else None,
-                                        logp_own=None if own is None else own[sel])
+                                        logp_own=own,
+                                        mask_own=sub.mask[sel] if own is not None else None)
+                    del own  # its graph was freed by the g_seq backward; the tensor goes now, not after the updates
                 if live:
                     out = policy_loss(self.loss, logp, self.logp_old[rows, :T], self.logp_infer[rows, :T],
                                       self.adv[rows], keep, batch=size, **self.hp)

@@ -54,12 +54,14 @@ class Watch:
     """The trainer's view of its rules: `check(metrics)` returns the rules that crossed at this step. A rule fires
     on the step its signal crosses from the safe side to beyond the threshold, and again only after it has come
     back: one warning per excursion, not one per step of a long one. A warning marks a change, so a signal that is
-    beyond from its first value on (a property of the configuration, e.g. clip fraction 0 on-policy) does not fire
-    until it has been back once: the lead-time study (stablerl.leadtime.first_alarm) counts alarms the same way.
-    NaN or a missing value counts as neither side."""
+    beyond at the run's first step (a property of the configuration, e.g. clip fraction 0 on-policy) does not fire
+    until it has been back once; a signal first logged later (fidelity every k steps) fires on its first value
+    beyond. The lead-time study (stablerl.leadtime.first_alarm) counts alarms the same way. NaN or a missing value
+    counts as neither side. A resumed run replays its logged rows through `check` first (the trainer does)."""
 
     rules: tuple[Rule, ...]
     beyond: dict[str, bool] = field(default_factory=dict)  # per rule: beyond at its last value; absent: none yet
+    started: bool = False  # a step has been checked: a first value from now on is judged as a change
 
     @classmethod
     def of(cls, texts: tuple[str, ...] | list[str]) -> Watch:
@@ -71,8 +73,9 @@ class Watch:
             v = metrics.get(r.signal)
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
                 continue
-            now = r.beyond(v)
-            if now and self.beyond.get(str(r)) is False:
+            now, before = r.beyond(v), self.beyond.get(str(r))
+            if now and (before is False or (before is None and self.started)):
                 fired.append(r)
             self.beyond[str(r)] = now
+        self.started = True
         return fired

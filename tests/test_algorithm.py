@@ -556,9 +556,21 @@ def test_replay_fidelity_against_hand_computed_directions():
     assert out["fidelity/cosine"] == pytest.approx(1.0, abs=1e-12)
     assert out["fidelity/replay_cosine"] == pytest.approx(0.8, abs=1e-12)
     assert out["fidelity/abs_log_W_mean"] == pytest.approx(math.log(3) / 2, abs=1e-12)  # of the replayed policy
-    # without replay both policies are one: the two cosines are the same number
+    # the bias alone: cos(g_seq(own), g_seq(replayed)) = cos((1, −½), (1/3, −2/3)) = 0.8 as well (one token each)
+    assert out["fidelity/routing_bias_cosine"] == pytest.approx(0.8, abs=1e-12)
+    # without replay both policies are one: the same number as E9, and no bias
     plain = fidelity(own2, infer.to(F64), adv, mask, [theta])
     assert plain["fidelity/replay_cosine"] == plain["fidelity/cosine"]
+    assert plain["fidelity/routing_bias_cosine"] == pytest.approx(1.0, abs=1e-12)
+    # truncated sampling: π_θ's own routing gives response 2's token probability 0, so W_2 = 0 and only response 1
+    # is left in g_seq(own) = (1, 0): cos with g_tok = (1, −2) is 1/√5; with no response left, NaN (no error)
+    dead = torch.tensor([[False], [True]])
+    own3 = torch.where(dead, float("-inf"), a @ theta[:, None] + torch.tensor([[math.log(2)], [0.0]], dtype=F64))
+    replayed3 = (z @ theta + torch.tensor([0.0, math.log(3)], dtype=F64))[:, None]
+    cut = fidelity(replayed3, infer.to(F64), adv, mask, [theta], retain_graph=True, logp_own=own3)
+    assert cut["fidelity/replay_cosine"] == pytest.approx(1 / math.sqrt(5), abs=1e-12)
+    none = fidelity(replayed3, infer.to(F64), adv, mask, [theta], logp_own=torch.where(mask, float("-inf"), own3))
+    assert math.isnan(none["fidelity/replay_cosine"]) and none["fidelity/cosine"] == pytest.approx(1.0, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- bad input

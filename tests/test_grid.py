@@ -203,7 +203,7 @@ def test_plan_for_each_run_directory_state(tmp_path):
     later = [r for r in expand(load_study(_study(tmp_path)), tmp_path / "out", ["train.micro_batch_size=2"],
                                cells=["base"])
              if r.seed == base[1].seed][0]
-    assert "train.micro_batch_size (was None, now 2)" in plan_run(later).reason
+    assert "train.micro_batch_size (was absent, now 2)" in plan_run(later).reason
     # ...but a cold start ignores RL-only keys, and only counts as built with sft.json and its model
     cold = next(r for r in expand(other, tmp_path / "out", cells=["warm"]) if r.kind == "sft")
     save_config(runs["demo/cold/short"].config, cold.run_dir / "config.yaml")

@@ -32,6 +32,9 @@ def test_an_alarm_is_a_crossing_not_a_starting_value():
     assert first_alarm(_curve("a", [0.02, 0.03, 0.05], collapse=3), rule) is None
     assert first_alarm(_curve("b", [0.02, 0.005, 0.006, 0.02, 0.1], collapse=5), rule) == 4
     assert score(rule, [_curve("s", [0.02, 0.02, 0.02])]).false_alarms == 0
+    # a signal first logged at step 10 (fidelity every 10 steps) alarms on that first value: it is not the start
+    sparse = Curve("f", 12, [{"step": s, **({"fidelity/cosine": 0.5} if s == 10 else {})} for s in range(13)])
+    assert first_alarm(sparse, Rule("fidelity/cosine", "<", 0.9)) == 10
 
 
 def test_choose_finds_the_separating_threshold_and_direction():

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from stablerl.cli import main
-from stablerl.commands.report import write_report
+from stablerl.commands.report import plan_copy, write_report
+from stablerl.errors import UserError
 from stablerl.report import CollapseRule, aborted, detect_collapse, run_status, summarize_run
 from stablerl.verdicts import (
     CellStats,
@@ -306,6 +307,9 @@ def test_replay_bias_section_per_minibatch(tmp_path):
             cfg["train"]["n_minibatches"], cfg["algo"]["replay"] = n, replay
             (run / "config.yaml").write_text(yaml.safe_dump(cfg))
             probe = {"fidelity/replay_cosine/mb0": c0, "fidelity/replay_cosine/mb1": c1, "fidelity/replay_cosine": c1}
+            if replay == "R2":  # R2's bias alone: none at j = 0 (θ = θ_old there), some at j = 1
+                probe |= {"fidelity/routing_bias_cosine/mb0": 1.0, "fidelity/routing_bias_cosine/mb1": 0.96,
+                          "fidelity/routing_bias_cosine": 0.96}
             rows_ = [{**r, **probe} if "fidelity/cosine" in r else r for r in rows(RISE, {0: 0.3, 60: 0.8})]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
     assert summarize_run(d / "n2_R2" / "seed1")["replay_cosine_mb1_mean"] == pytest.approx(0.8)
@@ -313,8 +317,8 @@ def test_replay_bias_section_per_minibatch(tmp_path):
     assert "## Routing Replay bias (E9 per mini-batch)" in md
     md = md.split("## Routing Replay bias")[1].split("\n## ")[0]  # the section alone
     assert "| onpol |" not in md and "![Routing Replay bias](replay_bias.png)" in md
-    assert "| n2_R2 | 2 | R2 | 2 | 0.85 ± 0.071 | 0.990 / 0.850 | 0.99 ± 0 | 80.0 ± 0.0 | 0/2 |" in md
-    assert "| n2_R3 | 2 | R3 | 2 | 0.95 ± 0 | 0.950 / 0.950 |" in md
+    assert "| n2_R2 | 2 | R2 | 2 | 0.85 ± 0.071 | 0.990 / 0.850 | 0.96 ± 0 | 1.000 / 0.960 | 80.0 ± 0.0 | 0/2 |" in md
+    assert "| n2_R3 | 2 | R3 | 2 | 0.95 ± 0 | 0.950 / 0.950 | - | - | 80.0 ± 0.0 | 0/2 |" in md
     assert (tmp_path / "rep" / "replay_bias.png").read_bytes().startswith(PNG)
 
 
@@ -327,7 +331,7 @@ def test_copy_runs_keeps_finished_runs_and_cold_starts_to_remake_the_report(tmp_
     (d / "minirl" / "seed0" / "checkpoints" / "step_000060" / "model.safetensors").write_bytes(b"x")
     rep = tmp_path / "rep"
     assert main(["report", str(d), "--out", str(rep), "--copy-runs"]) == 0
-    kept = rep / "runs" / "demo"
+    kept = rep / "kept" / "demo"
     assert (kept / "study.yaml").read_text() == STUDY and (kept / "commands.log").exists()
     assert sorted(p.parent.relative_to(kept).as_posix() for p in kept.rglob("metrics.jsonl")) == [
         "cold/mix", "lennorm/seed0", "lennorm/seed1", *(f"minirl/seed{s}" for s in range(3)),
@@ -337,3 +341,10 @@ def test_copy_runs_keeps_finished_runs_and_cold_starts_to_remake_the_report(tmp_
     assert main(["report", str(kept), "--out", str(tmp_path / "again")]) == 0
     verdicts = [ln for ln in (tmp_path / "again" / "report.md").read_text().splitlines() if ln.startswith("| F")]
     assert verdicts == [ln for ln in (rep / "report.md").read_text().splitlines() if ln.startswith("| F")]
+    # copying a copy onto itself, or into the runs it copies, is refused before anything is written
+    with pytest.raises(UserError, match="overlaps the run directory"):
+        plan_copy([kept], rep / "kept")
+    with pytest.raises(UserError, match="overlaps the run directory"):
+        plan_copy([d], d / "rep" / "kept")
+    assert main(["report", str(kept), "--out", str(tmp_path / "rep" / "kept" / "demo" / "r"), "--copy-runs"]) == 2
+    assert not (kept / "r").exists()

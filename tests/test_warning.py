@@ -37,15 +37,16 @@ def test_cross_step_routing_sees_a_constructed_flip():
 
 
 def test_a_rule_fires_once_per_excursion():
-    w = Watch.of(["kl/k3>0.01", "route/cross_step/mean<0.97"])
-    cross = "route/cross_step/mean"
-    seq = [{"kl/k3": 0.001}, {"kl/k3": 0.02}, {"kl/k3": 0.05}, {"kl/k3": float("nan")}, {"kl/k3": 0.03},
-           {"kl/k3": 0.005, cross: 0.96}, {"kl/k3": 0.011, cross: 0.99}, {cross: 0.95}, {}]
+    cross, fid = "route/cross_step/mean", "fidelity/cosine"
+    w = Watch.of(["kl/k3>0.01", f"{cross}<0.97", f"{fid}<0.9"])
+    seq = [{"kl/k3": 0.001, cross: 0.96}, {"kl/k3": 0.02}, {"kl/k3": 0.05}, {"kl/k3": float("nan")}, {"kl/k3": 0.03},
+           {"kl/k3": 0.005, cross: 0.96}, {"kl/k3": 0.011, cross: 0.99}, {cross: 0.95, fid: 0.5}, {}]
     fired = [[str(r) for r in w.check(m)] for m in seq]
     # k3 fires at 0.02 and not again while above; a NaN (the abort guard's business) is neither side, so 0.03 is
-    # the same excursion; back at 0.005, then 0.011 fires again. Cross-step routing starts beyond (0.96): that is
-    # the configuration, not a change, so it fires only after it has been back (0.99) and crossed again (0.95).
-    assert fired == [[], ["kl/k3>0.01"], [], [], [], [], ["kl/k3>0.01"], [f"{cross}<0.97"], []]
+    # the same excursion; back at 0.005, then 0.011 fires again. Cross-step routing is beyond at the first step
+    # (0.96): that is the configuration, not a change, so it fires only after it has been back (0.99) and crossed
+    # again (0.95). Fidelity, first logged later (every k steps), fires on its first value beyond.
+    assert fired == [[], ["kl/k3>0.01"], [], [], [], [], ["kl/k3>0.01"], [f"{cross}<0.97", f"{fid}<0.9"], []]
     assert Rule.parse(" entropy/mean < 1e-3 ") == Rule("entropy/mean", "<", 1e-3)
     for bad in ("kl/k3", "kl/k3>=0.1", "kl/k3>abc", ">0.1"):
         with pytest.raises(ValueError, match="bad warning rule"):
@@ -70,6 +71,12 @@ def test_the_hook_warns_once_then_stops_with_a_checkpoint(tmp_path):
     assert train(stop, show_progress=False).steps == 2
     assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl") if "reward/mean" in r] == [1, 2]
     assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["step_000002"]
+    # resumed: the rule goes on from the side its signal was on. train/lr > 2.5e-4 crosses at step 3 (3e-4); a run
+    # stopped after step 2 and resumed must still fire there, though step 3 is the first step it checks
+    late = [a.replace("train/lr>1.5e-4", "train/lr>2.5e-4") for a in args]
+    train(load_config(None, [*late, "name=resumed", "train.steps=2"]), show_progress=False)
+    train(load_config(None, [*late, "name=resumed"]), resume=True, show_progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "warn/train/lr" in r] == [3]
     off = load_config(None, [*args, "name=nocross", "train.cross_step_rows=0", "train.steps=1"])
     train(off, show_progress=False)
     assert not any("route/cross_step/mean" in r for r in read_metrics(tmp_path / "nocross" / "metrics.jsonl"))

@@ -20,7 +20,7 @@ from stablerl.grid import Study, finding_roles, load_study
 from stablerl.leadtime import Curve, markdown, rank_signals
 from stablerl.metrics import read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
-from stablerl.report import collapse_rule, summarize_run
+from stablerl.report import REPLAY_STATS, collapse_rule, summarize_run
 from stablerl.verdicts import CellStats, Thresholds, cell_stats, evaluate_findings
 
 # (metric key, panel title, log-scale y); `route/infer_vs_train/layer{i}` panels are added per layer found
@@ -272,9 +272,9 @@ def phase_maps(study: Study, stats: dict[str, CellStats], out: Path) -> list[str
 
 
 def replay_bias(stats: list[CellStats], out: Path) -> list[str]:
-    """Routing Replay's bias (issue 17): for the cells at N > 1, E9's cosine between each update's direction (under
-    the routes it replays) and the sequence-level gradient of π_θ's own routing, next to the cell's accuracy; per
-    mini-batch j, with a plot, when the runs probed every one (train.fidelity_minibatches=all)."""
+    """Routing Replay's bias (issue 17): for the cells at N > 1, E9 against the sequence-level gradient of π_θ's own
+    routing, next to the cell's accuracy (stablerl.diagnostics.fidelity); per mini-batch j, with a plot, when the
+    runs probed every one (train.fidelity_minibatches=all)."""
     cells = [c for c in stats if c.n and (c.runs[0]["config"].get("n_minibatches") or 1) > 1
              and not math.isnan(c.mean("replay_cosine_mean"))]
     if not cells:
@@ -282,30 +282,36 @@ def replay_bias(stats: list[CellStats], out: Path) -> list[str]:
     cells.sort(key=lambda c: c.runs[0]["config"]["n_minibatches"])  # stable: study order within one N
     md = ["## Routing Replay bias (E9 per mini-batch)", "",
           "Under Routing Replay (E7) an update differentiates a policy whose experts θ_old (R2) or the rollout engine "
-          "(R3) chose, not π_θ's own. *cos* compares that update's token-level direction (E2, unclipped) with the "
-          "sequence-level gradient (E1) of π_θ under its own routing, on the same rows: 1 = no bias; without replay "
-          "it is the plain E9 cosine. *E9 cosine* is the first-order fidelity of the policy the update differentiates. "
-          "Mean ± std over seeds of each run's mean over its probe steps.", "",
-          "| cell | N | replay | seeds | cos, last mini-batch | cos at mini-batch j = 0, 1, ... | E9 cosine | "
-          "final acc % | collapsed |", "|---|---|---|---|---|---|---|---|---|"]
-    curves: dict[int, list[tuple[str, list[float]]]] = {}
+          "(R3) chose, not π_θ's own. Against the sequence-level gradient g_seq (E1) of π_θ under its own routing, on "
+          "the probe rows: *to true g_seq* = cos with the update's token-level direction g_tok (E2, unclipped): the "
+          "first-order error and the replay's bias together (without replay, the plain E9 cosine); *bias* = cos "
+          "with the replayed policy's own g_seq: the replay's bias alone (1 without replay). Each: mean ± std over "
+          "seeds of each run's mean over its probe steps, at the last mini-batch, and per mini-batch j = 0, 1, ... "
+          "where probed.", "",
+          "| cell | N | replay | seeds | to true g_seq | per j | bias | per j | final acc % | collapsed |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    curves: dict[tuple[str, int], list[tuple[str, list[float]]]] = {}
     for c in cells:
         cfg = c.runs[0]["config"]
         n = cfg["n_minibatches"]
-        by_j = [c.mean(f"replay_cosine_mb{j}_mean") for j in range(n)]
-        if not all(math.isnan(v) for v in by_j):
-            curves.setdefault(n, []).append((c.name, by_j))
-        md.append(f"| {c.name} | {n} | {cfg.get('replay')} | {c.n} | {_pm(c, 'replay_cosine_mean', False)} | "
-                  f"{' / '.join(_fmt(v) for v in by_j) if c.name in dict(curves.get(n, [])) else '-'} | "
-                  f"{_pm(c, 'fidelity_cosine_mean', False)} | {_pm(c, 'final_accuracy')} | {c.collapsed}/{c.n} |")
+        cols = []
+        for name in REPLAY_STATS:
+            by_j = [c.mean(f"{name}_mb{j}_mean") for j in range(n)]
+            probed = not all(math.isnan(v) for v in by_j)
+            if probed:
+                curves.setdefault((name, n), []).append((c.name, by_j))
+            cols += [_pm(c, f"{name}_mean", False), " / ".join(_fmt(v) for v in by_j) if probed else "-"]
+        md.append(f"| {c.name} | {n} | {cfg.get('replay')} | {c.n} | {' | '.join(cols)} | "
+                  f"{_pm(c, 'final_accuracy')} | {c.collapsed}/{c.n} |")
     md.append("")
     if curves:
+        what = {"replay_cosine": "cos(g_seq own, g_tok)", "routing_bias_cosine": "bias: cos(g_seq own, g_seq replayed)"}
         fig, axes = panel_axes(len(curves), 4.6, 3.2)
-        for ax, (n, lines) in zip(axes, sorted(curves.items())):
-            for name, ys in lines:
-                ax.plot(range(n), ys, marker="o", markersize=3, linewidth=1.2, label=name)
+        for ax, ((name, n), lines) in zip(axes, sorted(curves.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
+            for cell, ys in lines:
+                ax.plot(range(n), ys, marker="o", markersize=3, linewidth=1.2, label=cell)
             ax.set_xlabel("mini-batch j (staleness grows with j)", fontsize=7)
-            finish_panel(ax, f"N = {n}: cos(g_seq own, g_tok replayed)", False, legend_size=6)
+            finish_panel(ax, f"N = {n}: {what[name]}", False, legend_size=6)
         fig.suptitle("Routing Replay bias per mini-batch: seed mean of each run's mean over probe steps", fontsize=10)
         png = save_png(fig, out / "replay_bias.png", dpi=100)
         md += [f"![Routing Replay bias]({png.name})", ""]
@@ -356,36 +362,47 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "train.log", "sampl
 COLD_FILES = ("config.yaml", "metrics.jsonl", "sft.json", "sft.log")  # and model/: the runs still to come start there
 
 
-def copy_runs(dirs: list[Path], dest: Path) -> int:
-    """Copy the finished runs under `dirs` (their small files) and the built cold starts (with their model) to
-    dest/<dir name>/..., with each study's study.yaml and commands.log: a report can be re-made from the copy, and
-    a study continued from it (copied back to <out>/<study>, the executor skips what is finished and runs the rest
-    from the same cold starts). Unfinished runs are left out: without their checkpoints they would start over
-    anyway. Returns the number of runs copied."""
-    import shutil
-
+def plan_copy(dirs: list[Path], dest: Path) -> list[tuple[Path, Path, tuple[str, ...]]]:
+    """What `copy_runs` copies: (source dir, target dir, file names) for each study file set, finished run and built
+    cold start under `dirs`, to dest/<dir name>/...; every refusal raised before anything is written."""
     from stablerl.report import run_status
 
-    n = 0
-    for d in map(Path, dirs):
+    dest = dest.resolve()
+    srcs = [Path(d).resolve() for d in dirs]
+    for d in srcs:
+        if dest == d or d in dest.parents or dest in d.parents:
+            raise UserError(f"--copy-runs: {dest} overlaps the run directory {d}; give --out outside the runs")
+    names = [d.name for d in srcs]
+    if len(set(names)) < len(names):
+        raise UserError(f"--copy-runs: two run directories named {max(names, key=names.count)!r} would be merged in "
+                        f"{dest}; copy them one at a time, to different --out")
+    plan = []
+    for d in srcs:
         _, runs, cold = find_runs([d])
         top = dest / d.name
-        for f in ("study.yaml", "commands.log"):
-            if (d / f).exists():
-                top.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(d / f, top / f)
-        done = [f.run_dir for f in runs if run_status(f.run_dir)[0] in ("done", "aborted")]
-        built = [c for c in cold if (c / "model" / "config.json").exists()]
-        for run, names in [(r, RUN_FILES) for r in done] + [(c, COLD_FILES) for c in built]:
-            to = top / run.relative_to(d)
-            to.mkdir(parents=True, exist_ok=True)
-            for f in names:
-                if (run / f).exists():
-                    shutil.copy2(run / f, to / f)
-            if (run / "model").is_dir():
-                shutil.copytree(run / "model", to / "model", dirs_exist_ok=True)
-        n += len(done)
-    return n
+        plan.append((d, top, tuple(f for f in ("study.yaml", "commands.log") if (d / f).exists())))
+        plan += [(f.run_dir, top / f.run_dir.relative_to(d), RUN_FILES) for f in runs
+                 if run_status(f.run_dir)[0] in ("done", "aborted")]
+        plan += [(c, top / c.relative_to(d), COLD_FILES) for c in cold if (c / "model" / "config.json").exists()]
+    return plan
+
+
+def copy_runs(plan: list[tuple[Path, Path, tuple[str, ...]]]) -> int:
+    """Copy the finished runs (their small files) and the built cold starts (with their model), with each study's
+    study.yaml and commands.log (plan_copy): a report can be re-made from the copy, and a study continued from it
+    (copied back to <out>/<study>, the executor skips what is finished and runs the rest from the same cold starts).
+    Unfinished runs are left out: without their checkpoints they would start over anyway. Files left in the target
+    by an earlier copy stay. Returns the number of train runs copied."""
+    import shutil
+
+    for src, to, names in plan:
+        to.mkdir(parents=True, exist_ok=True)
+        for f in names:
+            if (src / f).exists():
+                shutil.copy2(src / f, to / f)
+        if names == COLD_FILES:
+            shutil.copytree(src / "model", to / "model", dirs_exist_ok=True)
+    return sum(names == RUN_FILES for _, _, names in plan)
 
 
 # ---- the command --------------------------------------------------------------------------------------------------
@@ -397,7 +414,7 @@ def add_arguments(p) -> None:
                    "name>, or docs/results/report)")
     p.add_argument("--study", default=None, help="a study YAML whose cells and findings to apply to DIRS")
     p.add_argument("--copy-runs", action="store_true", help="also copy the finished runs' small files (config, "
-                   "metrics, summary, logs; the cold starts with their model) to OUT/runs: the report can be re-made "
+                   "metrics, summary, logs; the cold starts with their model) to OUT/kept: the report can be re-made "
                    "from them, and the study continued (docs/reproduce.md)")
 
 
@@ -410,9 +427,10 @@ def run(args) -> int:
         study, _, _ = find_runs(dirs)
         name = load_study(args.study).name if args.study else study.name if study else "report"
         out = Path("docs/results") / name
+    plan = plan_copy(dirs, Path(out) / "kept") if args.copy_runs else None  # refusals before anything is written
     path = write_report(dirs, Path(out), args.study)
     Console().print(f"[bold]report[/bold]: {path}")
-    if args.copy_runs:
-        n = copy_runs(dirs, Path(out) / "runs")
-        Console().print(f"[bold]runs[/bold]: {n} finished runs copied to {Path(out) / 'runs'}")
+    if plan is not None:
+        n = copy_runs(plan)
+        Console().print(f"[bold]kept[/bold]: {n} finished runs and the built cold starts in {Path(out) / 'kept'}")
     return 0
