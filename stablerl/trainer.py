@@ -579,6 +579,8 @@ class Update:
                     if self.replay is not None and bool(sel.any()):
                         with self.autocast():  # the bare model: a gradient taken, never accumulated (no DDP hook)
                             own = policy_logprobs(self.model, sub, None, **self.lp_args).logp[sel]  # (n_probe, T)
+                    elif self.replay is not None:  # no probe rows on this rank: it still joins E9's collectives
+                        own = logp.new_zeros(0, T)
                     fid = diag.fidelity(logp[sel], self.logp_infer[rows, :T][sel], self.adv[rows][sel], keep[sel],
                                         list(self.model.parameters()), retain_graph=True,
                                         reduce=par.reduce if par.active else None,
