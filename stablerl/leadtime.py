@@ -20,7 +20,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from stablerl.warning import Rule
+from stablerl.warning import Rule, Watch, reading
 
 # (metric key, what it measures) for the signals studied; the routing ones exist only for MoE runs, cross-step only
 # for runs logged after it was added, fidelity every train.fidelity_every steps
@@ -46,25 +46,18 @@ class Curve:
     def series(self, signal: str) -> list[tuple[int, float]]:
         """(step, value) of a signal, only up to the collapse step: an alarm after collapse is no warning."""
         end = math.inf if self.collapse_step is None else self.collapse_step
-        return [(r["step"], float(r[signal])) for r in self.rows
-                if isinstance(r.get(signal), int | float) and not isinstance(r.get(signal), bool)
-                and math.isfinite(r[signal]) and r["step"] <= end]
+        return [(r["step"], v) for r in self.rows if (v := reading(r.get(signal))) is not None and r["step"] <= end]
 
 
 def first_alarm(curve: Curve, rule: Rule) -> int | None:
-    """The first step the signal crosses from the safe side to beyond the threshold (train.warn_on's Watch fires
-    there too). A value beyond at the run's first RL step marks the configuration, not a change, and is no alarm:
-    otherwise e.g. `clip/frac<1e-4` would "lead" every on-policy collapse by its whole length (clip fraction is 0
-    there by construction), and rank first by telling cells apart. A signal first logged later (fidelity every k
-    steps) alarms on its first value beyond."""
-    first = min((r["step"] for r in curve.rows if r.get("step", 0) >= 1), default=1)
-    before = None  # beyond at the signal's previous value; None: no value yet
-    for s, v in curve.series(rule.signal):
-        now = rule.beyond(v)
-        if now and (before is False or (before is None and s > first)):
-            return s
-        before = now
-    return None
+    """The step train.warn_on's Watch would first fire on the run's RL steps up to its collapse: where the signal
+    crosses from the safe side to beyond the threshold. A value beyond at the run's first RL step marks the
+    configuration, not a change, and is no alarm: otherwise e.g. `clip/frac<1e-4` would "lead" every on-policy
+    collapse by its whole length (clip fraction is 0 there by construction), and rank first by telling cells apart.
+    A signal first logged later (fidelity every k steps) alarms on its first value beyond."""
+    watch = Watch((rule,))
+    end = math.inf if curve.collapse_step is None else curve.collapse_step
+    return next((r["step"] for r in curve.rows if 1 <= r["step"] <= end and watch.check(r)), None)
 
 
 @dataclass(frozen=True)

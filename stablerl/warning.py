@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 RULE = re.compile(r"^\s*([A-Za-z0-9_/.\-]+)\s*(<|>)\s*([-+0-9.eE]+)\s*$")
 
 
+def reading(value) -> float | None:
+    """A logged value as a float, or None when it is missing, a bool, NaN or infinite: then it is neither side of
+    any rule (a NaN step is the abort guard's business)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
 @dataclass(frozen=True)
 class Rule:
     """`signal > threshold` (or `<`): true on the steps where the logged signal lies beyond the threshold."""
@@ -60,7 +67,7 @@ class Watch:
     counts as neither side. A resumed run replays its logged rows through `check` first (the trainer does)."""
 
     rules: tuple[Rule, ...]
-    beyond: dict[str, bool] = field(default_factory=dict)  # per rule: beyond at its last value; absent: none yet
+    beyond: dict[Rule, bool] = field(default_factory=dict)  # per rule: beyond at its last value; absent: none yet
     started: bool = False  # a step has been checked: a first value from now on is judged as a change
 
     @classmethod
@@ -70,12 +77,12 @@ class Watch:
     def check(self, metrics: dict) -> list[Rule]:
         fired = []
         for r in self.rules:
-            v = metrics.get(r.signal)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            v = reading(metrics.get(r.signal))
+            if v is None:
                 continue
-            now, before = r.beyond(v), self.beyond.get(str(r))
+            now, before = r.beyond(v), self.beyond.get(r)
             if now and (before is False or (before is None and self.started)):
                 fired.append(r)
-            self.beyond[str(r)] = now
+            self.beyond[r] = now
         self.started = True
         return fired
