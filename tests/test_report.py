@@ -228,6 +228,13 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     assert not list((tmp_path / "rep").glob("*.tmp*"))
     saved = json.loads((tmp_path / "rep" / "summaries.json").read_text())
     assert saved["verdicts"]["F2"]["outcome"] == "supported" and len(saved["runs"]) == 8
+    # a study run in slices names every invocation, oldest first, a repeated one (a resume) once
+    with (d / "commands.log").open("a") as fh:
+        fh.write("2026-12-03T00:00:00+00:00\tstablerl study demo.yaml --out out --cells lennorm\n"
+                 "2026-12-03T01:00:00+00:00\tstablerl study demo.yaml --out out --cells lennorm\n")
+    md = write_report([d], tmp_path / "rep").read_text()
+    assert ("made by `stablerl study demo.yaml --out out`, then `stablerl study demo.yaml --out out --cells "
+            "lennorm`.") in md
 
 
 def test_report_cli_on_plain_run_directories(tmp_path, capsys):

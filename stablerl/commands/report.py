@@ -132,6 +132,16 @@ def _flat_cells(roles: dict) -> list[str]:
     return names
 
 
+def made_by(dirs: list[Path]) -> str | None:
+    """The command(s) that made the runs, from the study's commands.log (one line per invocation), oldest first: a
+    study run in slices (`--cells`) names every slice, not only the last one."""
+    log = next((Path(d) / "commands.log" for d in dirs if (Path(d) / "commands.log").exists()), None)
+    if log is None:
+        return None
+    lines = dict.fromkeys(ln.split("\t", 1)[-1] for ln in log.read_text().splitlines() if ln.strip())
+    return "`, then `".join(lines) or None  # a repeated invocation (a resume) once
+
+
 def write_report(dirs: list[Path], out: Path, study_path: str | None = None, command: str | None = None,
                  th: Thresholds | None = None) -> Path:
     """Write OUT/report.md, one PNG per finding (or per group of cells) and OUT/summaries.json; the report's path."""
@@ -153,8 +163,7 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
     out.mkdir(parents=True, exist_ok=True)
     verdicts = evaluate_findings(study, stats, th) if study else {}
     if command is None and study is not None:
-        log = next((Path(d) / "commands.log" for d in dirs if (Path(d) / "commands.log").exists()), None)
-        command = log.read_text().splitlines()[-1].split("\t", 1)[-1] if log else None
+        command = made_by(dirs)
     done = [s for ss in by_cell.values() for s in ss]
     md = [f"# {study.name if study else 'runs'}: report", "",
           f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by `stablerl report` from "
