@@ -232,9 +232,11 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     with (d / "commands.log").open("a") as fh:
         fh.write("2026-12-03T00:00:00+00:00\tstablerl study demo.yaml --out out --cells lennorm\n"
                  "2026-12-03T01:00:00+00:00\tstablerl study demo.yaml --out out --cells lennorm\n")
+    write_run(d / "lennorm" / "seed2", RISE[:20], steps=60)  # still running: left out of the statistics and alarms
     md = write_report([d], tmp_path / "rep").read_text()
     assert ("made by `stablerl study demo.yaml --out out`, then `stablerl study demo.yaml --out out --cells "
             "lennorm`.") in md
+    assert "| lennorm | 2 (+1 missing) | 0/2 |" in md and "8 runs, 2 collapsed;" in md
 
 
 def test_report_cli_on_plain_run_directories(tmp_path, capsys):

@@ -211,8 +211,10 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
             s = json.loads((d / "sft.json").read_text()) if (d / "sft.json").exists() else {}
             md.append(f"| {d.name} | {s.get('style', '-')} | {100 * s.get('heldout_accuracy', math.nan):.1f}% |")
         md.append("")
+    # finished runs only: a run still going has not had its chance to collapse, and would count as a stable one
     md += early_warning([Curve(s["run"], s["collapse"]["step"] if s["collapse"]["collapsed"] else None,
-                               read_metrics(f.run_dir / "metrics.jsonl")) for f, s in zip(runs, summaries)])
+                               read_metrics(f.run_dir / "metrics.jsonl")) for f, s in zip(runs, summaries)
+                         if s["status"] in ("done", "aborted")])
     md += ["## Runs", "", "| run | status | steps | initial acc % | final acc % | collapse |",
            "|---|---|---|---|---|---|"]
     for s in done:
