@@ -105,7 +105,7 @@ def plan_run(run: Run) -> Plan:
             status = json.loads((d / report.SUMMARY).read_text()).get("status", status)
         except (OSError, json.JSONDecodeError):
             pass
-    if status in ("done", "aborted"):
+    if status in report.FINISHED:
         return Plan(run, "skip", "finished" if status == "done" else f"aborted at step {done} (NaN guard)", done)
     ckpt = latest_checkpoint(d)
     if ckpt is not None:

@@ -148,6 +148,9 @@ def tail_text(path: Path, chars: int = 4000) -> str:
         return ""
 
 
+FINISHED = ("done", "aborted")  # run statuses that no further work changes: counted, kept, skipped by the executor
+
+
 def run_status(run_dir: str | Path, steps: int | None = None) -> tuple[Literal["done", "aborted", "incomplete"], int]:
     """(status, RL steps logged) of a train run directory, from its files: `done` once metrics.jsonl has the row of
     step train.steps, `aborted` when the NaN guard stopped it, else `incomplete` (running, killed or failed)."""

@@ -11,6 +11,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from stablerl.report import FINISHED
+
 if TYPE_CHECKING:
     from stablerl.grid import Study
 
@@ -58,7 +60,7 @@ class CellStats:
 
 def cell_stats(name: str, summaries: list[dict], expected: int = 0) -> CellStats:
     """`expected`: the runs the study defines for the cell (its seeds), so that runs never started count as missing."""
-    done = tuple(s for s in summaries if s.get("status") in ("done", "aborted"))
+    done = tuple(s for s in summaries if s.get("status") in FINISHED)
     return CellStats(name, done, max(expected, len(summaries)) - len(done))
 
 

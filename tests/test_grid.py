@@ -255,6 +255,8 @@ def test_tiny_study_runs_as_subprocesses_reports_a_failure_then_skips_when_rerun
     assert "FAILED tiny/broken/seed0: exit 2: stablerl train: error:" in out and "nope" in out
     assert "2 of 3 runs finished, 1 failed" in out
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "out/tiny/study.yaml").exists()
+    # the study's own report quotes its invocation from commands.log, as `stablerl report` does
+    assert f"made by `stablerl study {path} --out out`." in (tmp_path / "rep" / "report.md").read_text()
     # rerun of the finished cells: nothing runs again, and their files stay as they were
     before = (tmp_path / "out/tiny/a/seed0/metrics.jsonl").read_bytes()
     assert main(["study", str(path), "--out", "out", "--cells", "a,b", "--no-progress", "--no-report"]) == 0

@@ -20,7 +20,7 @@ from stablerl.grid import Study, finding_roles, load_study
 from stablerl.leadtime import Curve, markdown, rank_signals
 from stablerl.metrics import read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
-from stablerl.report import REPLAY_STATS, collapse_rule, summarize_run
+from stablerl.report import FINISHED, REPLAY_STATS, collapse_rule, run_status, summarize_run
 from stablerl.verdicts import CellStats, Thresholds, cell_stats, evaluate_findings
 
 # (metric key, panel title, log-scale y); `route/infer_vs_train/layer{i}` panels are added per layer found
@@ -142,8 +142,7 @@ def made_by(dirs: list[Path]) -> str | None:
     return "`, then `".join(lines) or None  # a repeated invocation (a resume) once
 
 
-def write_report(dirs: list[Path], out: Path, study_path: str | None = None, command: str | None = None,
-                 th: Thresholds | None = None) -> Path:
+def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th: Thresholds | None = None) -> Path:
     """Write OUT/report.md, one PNG per finding (or per group of cells) and OUT/summaries.json; the report's path."""
     th = th or Thresholds()
     found_study, runs, cold = find_runs(dirs)
@@ -162,8 +161,7 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
         rows[f.cell].append(read_metrics(f.run_dir / "metrics.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
     verdicts = evaluate_findings(study, stats, th) if study else {}
-    if command is None and study is not None:
-        command = made_by(dirs)
+    command = made_by(dirs) if study is not None else None
     done = [s for ss in by_cell.values() for s in ss]
     md = [f"# {study.name if study else 'runs'}: report", "",
           f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by `stablerl report` from "
@@ -214,7 +212,7 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, com
     # finished runs only: a run still going has not had its chance to collapse, and would count as a stable one
     md += early_warning([Curve(s["run"], s["collapse"]["step"] if s["collapse"]["collapsed"] else None,
                                read_metrics(f.run_dir / "metrics.jsonl")) for f, s in zip(runs, summaries)
-                         if s["status"] in ("done", "aborted")])
+                         if s["status"] in FINISHED])
     md += ["## Runs", "", "| run | status | steps | initial acc % | final acc % | collapse |",
            "|---|---|---|---|---|---|"]
     for s in done:
@@ -376,8 +374,6 @@ COLD_FILES = ("config.yaml", "metrics.jsonl", "sft.json", "sft.log")  # and mode
 def plan_copy(dirs: list[Path], dest: Path) -> list[tuple[Path, Path, tuple[str, ...]]]:
     """What `copy_runs` copies: (source dir, target dir, file names) for each study file set, finished run and built
     cold start under `dirs`, to dest/<dir name>/...; every refusal raised before anything is written."""
-    from stablerl.report import run_status
-
     dest = dest.resolve()
     srcs = [Path(d).resolve() for d in dirs]
     for d in srcs:
@@ -393,7 +389,7 @@ def plan_copy(dirs: list[Path], dest: Path) -> list[tuple[Path, Path, tuple[str,
         top = dest / d.name
         plan.append((d, top, tuple(f for f in ("study.yaml", "commands.log") if (d / f).exists())))
         plan += [(f.run_dir, top / f.run_dir.relative_to(d), RUN_FILES) for f in runs
-                 if run_status(f.run_dir)[0] in ("done", "aborted")]
+                 if run_status(f.run_dir)[0] in FINISHED]
         plan += [(c, top / c.relative_to(d), COLD_FILES) for c in cold if (c / "model" / "config.json").exists()]
     return plan
 

@@ -109,7 +109,7 @@ def run_study(study: Study, args, command: str) -> int:
     if not args.no_report:
         from stablerl.commands.report import write_report
 
-        path = write_report([root], Path(args.report or Path("docs/results") / study.name), command=line)
+        path = write_report([root], Path(args.report or Path("docs/results") / study.name))  # quotes commands.log
         console.print(f"report: {path}")
     console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} runs finished, {len(failed)} failed")
     return min(len(failed), 99)
