@@ -195,6 +195,8 @@ def _coerce(tp, value, key: str, where: str):
             return dict(value)
         raise bad
     if origin is tuple:
+        if isinstance(value, str) and typing.get_args(tp) == (str, ...):
+            value = [value]  # one string for a list of strings (train.warn_on='kl/k3>0.01'): a one-element list
         if not isinstance(value, list | tuple):
             raise bad
         args = typing.get_args(tp)
@@ -330,7 +332,7 @@ def _merge(dst: dict, src: dict) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot work fail before any compute is spent."""
     from stablerl.algorithm import LOSSES, make_hp
-    from stablerl.warning import Rule
+    from stablerl.warning import check_rules
 
     if cfg.algo.loss not in LOSSES:
         close = difflib.get_close_matches(cfg.algo.loss, list(LOSSES), n=1)
@@ -365,11 +367,10 @@ def validate(cfg: Config) -> None:
                 is_high=a.is_high, max_tokens=cfg.engine.max_new_tokens)
     except ValueError as e:
         raise ConfigError(f"algo.{e}") from None
-    for rule in t.warn_on:
-        try:
-            Rule.parse(rule)
-        except ValueError as e:
-            raise ConfigError(f"train.warn_on: {e}") from None
+    try:  # each rule watches a metric of the registry (stablerl.metrics): a misspelled one would never fire
+        check_rules(t.warn_on)
+    except ValueError as e:
+        raise ConfigError(f"train.warn_on: {e}") from None
     if t.cross_step_rows < 0:
         raise ConfigError(f"train.cross_step_rows: got {t.cross_step_rows}, expected >= 0 (0 = off)")
     if t.dist_timeout <= 0:

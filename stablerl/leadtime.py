@@ -1,7 +1,8 @@
 """Which logged signal warns of collapse, how early, and how often it cries wolf (issue 17), from run files alone.
 
 For every signal (k3, entropy, max IS weight, clip fraction, routing agreement engine-vs-trainer and cross-step,
-first-order fidelity) a threshold rule is chosen on one half of the runs and judged on the other:
+first-order fidelity: stablerl.metrics.SIGNALS) a threshold rule is chosen on one half of the runs and judged on the
+other:
 - the runs are split by name, collapsed and stable ones alternately, so each half holds both kinds;
 - on the choosing half, every observed value is a candidate threshold, in both directions; the rule kept maximises
   (share of collapsed runs it fires on at or before their collapse step) - (share of stable runs it fires on at
@@ -20,19 +21,9 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from stablerl.warning import Rule, Watch, reading
-
-# (metric key, what it measures) for the signals studied; the routing ones exist only for MoE runs, cross-step only
-# for runs logged after it was added, fidelity every train.fidelity_every steps
-SIGNALS = {
-    "kl/k3": "train-inference KL k3 (E3)",
-    "entropy/mean": "policy entropy",
-    "is/discrepancy_max": "max IS weight π_old/μ (E3)",
-    "clip/frac": "clip fraction (E5)",
-    "route/infer_vs_train/mean": "routing agreement engine vs trainer",
-    "route/cross_step/mean": "routing agreement θ_{t-1} vs θ_t",
-    "fidelity/cosine": "first-order fidelity cos(g_seq, g_tok) (E9)",
-}
+from stablerl.metrics import SIGNALS
+from stablerl.util import finite
+from stablerl.warning import Rule, Watch
 
 
 @dataclass(frozen=True)
@@ -46,7 +37,7 @@ class Curve:
     def series(self, signal: str) -> list[tuple[int, float]]:
         """(step, value) of a signal, only up to the collapse step: an alarm after collapse is no warning."""
         end = math.inf if self.collapse_step is None else self.collapse_step
-        return [(r["step"], v) for r in self.rows if (v := reading(r.get(signal))) is not None and r["step"] <= end]
+        return [(r["step"], v) for r in self.rows if (v := finite(r.get(signal))) is not None and r["step"] <= end]
 
 
 def first_alarm(curve: Curve, rule: Rule) -> int | None:

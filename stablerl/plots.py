@@ -7,22 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stablerl.metrics import read_metrics
+from stablerl.metrics import METRICS, read_metrics
+from stablerl.metrics import PANELS as CURVE_PANELS
 
-# (title, [(metric key, label)], log-scale y)
+# (title, [(metric key, label)], log-scale y): the registry's panels, each with the metrics drawn in it
 PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
-    ("held-out greedy accuracy / rollout reward", [("eval/accuracy", "held-out greedy"),
-                                                   ("reward/mean", "rollout reward")], False),
-    ("response length (tokens)", [("eval/mean_length", "held-out greedy"), ("length/mean", "rollouts")], False),
-    ("train-inference KL (E3)", [("kl/k3", "k3"), ("kl/k1", "k1")], True),
-    ("entropy (nats/token)", [("entropy/mean", "rollout tokens")], False),
-    ("IS weights and clipping (E5)", [("is/discrepancy_max", "discrepancy max"),
-                                      ("is/staleness_max", "staleness max"), ("clip/frac", "clip fraction")], False),
-    ("first-order fidelity (E9)", [("fidelity/cosine", "cos(g_seq, g_tok)")], False),
-    ("routing agreement (E7)", [("route/infer_vs_train/mean", "engine vs trainer"),
-                                ("route/old_vs_current/mean", "θ_old vs current")], False),
-    ("SFT loss", [("sft/loss", "response-token CE")], True),
-]
+    (title, [(m.name, m.label) for m in METRICS if m.panel == title], log) for title, log in CURVE_PANELS]
 
 
 def select_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, list[tuple[int, float]]]], bool]]:
@@ -64,7 +54,7 @@ def finish_panel(ax, title: str, log: bool, legend_size: int = 7) -> None:
 
 
 def save_png(fig, path: Path, dpi: int) -> Path:
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(path.name + ".tmp.png")  # savefig picks the format from the suffix
     fig.savefig(tmp, dpi=dpi)
     tmp.replace(path)  # atomic: a reader never sees half a PNG
     return path

@@ -1,10 +1,11 @@
 """Early warning of collapse: threshold rules on a run's logged signals.
 
 The paper explains collapse by the first-order approximation failing once the training–inference discrepancy or
-the policy staleness grows (E3, E9). The signals that measure them are logged every step (kl/k3, entropy/mean,
-is/weight_max, clip/frac, route/infer_vs_train/mean, route/cross_step/mean, fidelity/cos). A rule such as
-`kl/k3>0.01` watches one of them; the trainer evaluates its rules every step (`train.warn_on`) and acts on the
-first crossing (`train.on_warning`). Which signal leads collapse, by how much, and how often it cries wolf is
+the policy staleness grows (E3, E9). The signals that measure them are logged (kl/k3, entropy/mean,
+is/discrepancy_max, clip/frac, route/infer_vs_train/mean, route/cross_step/mean, fidelity/cosine: the
+`signal` entries of stablerl.metrics.METRICS). A rule such as `kl/k3>0.01` watches any RL metric of that registry
+(`check_rules`, at config load); the trainer evaluates its rules every step (`train.warn_on`) and acts on the first
+crossing (`train.on_warning`). Which signal leads collapse, by how much, and how often it cries wolf is
 measured over a study's runs by `stablerl.leadtime`, not assumed here.
 
 No torch here: rules are plain data, tested on plain floats.
@@ -12,18 +13,15 @@ No torch here: rules are plain data, tested on plain floats.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
 
+from stablerl.metrics import lookup, rl_names
+from stablerl.util import finite
+
 RULE = re.compile(r"^\s*([A-Za-z0-9_/.\-]+)\s*(<|>)\s*([-+0-9.eE]+)\s*$")
-
-
-def reading(value) -> float | None:
-    """A logged value as a float, or None when it is missing, a bool, NaN or infinite: then it is neither side of
-    any rule (a NaN step is the abort guard's business)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class Watch:
     def check(self, metrics: dict) -> list[Rule]:
         fired = []
         for r in self.rules:
-            v = reading(metrics.get(r.signal))
+            v = finite(metrics.get(r.signal))
             if v is None:
                 continue
             now, before = r.beyond(v), self.beyond.get(r)
@@ -86,3 +84,19 @@ class Watch:
             self.beyond[r] = now
         self.started = True
         return fired
+
+
+def check_rules(rules: str | tuple[str, ...] | list[str]) -> tuple[Rule, ...]:
+    """`train.warn_on` at config load: each rule parses and watches a metric an RL step logs (stablerl.metrics);
+    ValueError in one line naming the closest names otherwise: a misspelled signal would never fire, leaving the
+    warning silently off. A single rule string counts as a one-element list."""
+    out = []
+    for text in (rules,) if isinstance(rules, str) else rules:
+        rule = Rule.parse(text)
+        m = lookup(rule.signal)
+        if m is None or m.when in ("sft", "warn"):
+            close = difflib.get_close_matches(rule.signal, rl_names(), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "the names are in docs/metrics.md"
+            raise ValueError(f"rule {text!r}: no RL metric is named {rule.signal!r} ({hint})")
+        out.append(rule)
+    return tuple(out)
