@@ -2,7 +2,7 @@
 processes (used by `stablerl study` and `stablerl reproduce`).
 
 Each run is a subprocess with its own torch thread count (OMP_NUM_THREADS), its output in `<run dir>/<kind>.log`,
-and, once it ends, a `summary.json` computed from its files (stablerl.report.summarize_run). Finished runs are
+and, once it ends, a `summary.json` computed from its files (stablerl.study.summary.summarize_run). Finished runs are
 skipped, interrupted ones resumed from their newest checkpoint, a failed run is reported in one line while the
 others go on, and the exit code is the number of runs that failed (0: all finished). `--executor ray` submits the
 same commands as Ray tasks (one CPU per torch thread) instead of local processes; nothing else changes.
@@ -28,10 +28,10 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from stablerl import report
 from stablerl.config import Config, to_yaml
 from stablerl.errors import UserError, one_line
-from stablerl.grid import Estimate, Run
+from stablerl.study import summary
+from stablerl.study.definition import Estimate, Run
 
 # ---- planning: what to do with each run directory -------------------------------------------------------------
 
@@ -99,13 +99,13 @@ def plan_run(run: Run) -> Plan:
         if (d / "sft.json").exists() and (d / "model" / "config.json").exists():
             return Plan(run, "skip", "cold start built", run.steps)
         return Plan(run, "fresh", "cold start unfinished: rebuilt from step 0")
-    status, done = report.run_status(d, run.steps)
-    if status == "incomplete" and (d / report.SUMMARY).exists():  # the files win; a summary adds what they lost
+    status, done = summary.run_status(d, run.steps)
+    if status == "incomplete" and (d / summary.SUMMARY).exists():  # the files win; a summary adds what they lost
         try:
-            status = json.loads((d / report.SUMMARY).read_text()).get("status", status)
+            status = json.loads((d / summary.SUMMARY).read_text()).get("status", status)
         except (OSError, json.JSONDecodeError):
             pass
-    if status in report.FINISHED:
+    if status in summary.FINISHED:
         return Plan(run, "skip", "finished" if status == "done" else f"aborted at step {done} (NaN guard)", done)
     ckpt = latest_checkpoint(d)
     if ckpt is not None:
@@ -150,7 +150,7 @@ def plan_workers(cores: int, jobs: int | None = None, threads: int | None = None
 def estimate_seconds(plans: list[Plan], est: Estimate, jobs: int, seconds_per_step: float | None = None) -> float:
     """Wall-clock estimate of the runs left: sum over runs of (steps left x seconds per step + per-run overhead),
     divided by the parallel jobs. `seconds_per_step` is the RL step time measured on this study's runs when there
-    are any (stablerl.report.measured_step_seconds), else the study's assumed value."""
+    are any (stablerl.study.summary.measured_step_seconds), else the study's assumed value."""
     total = 0.0
     for p in plans:
         if p.action not in ("fresh", "resume"):
@@ -209,13 +209,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def last_line(path: Path) -> str:
     """The last non-empty line of a log (what a failed run said last)."""
-    lines = [x for x in report.tail_text(path).splitlines() if x.strip() and not x.startswith("==> ")]
+    lines = [x for x in summary.tail_text(path).splitlines() if x.strip() and not x.startswith("==> ")]
     return one_line(lines[-1])[:300] if lines else "(no output)"
 
 
 def _last_step(path: Path) -> int:
     """The step of the last complete row of a metrics.jsonl, read from its tail (cheap enough to poll)."""
-    for line in reversed(report.tail_text(path, 2000).splitlines()):
+    for line in reversed(summary.tail_text(path, 2000).splitlines()):
         try:
             return int(json.loads(line).get("step", 0))
         except (ValueError, AttributeError):
@@ -277,9 +277,9 @@ def _finish(plan: Plan, code: int, seconds: float, rule) -> Outcome:
         acc = json.loads((run.run_dir / "sft.json").read_text())["heldout_accuracy"] if ok else None
         return Outcome(plan, "done" if ok else "failed", code, seconds,
                        f"cold start: held-out accuracy {acc:.1%}" if ok else f"exit {code}: {last_line(run.log)}")
-    s = report.summarize_run(run.run_dir, rule, exit_code=code, wall_seconds=round(seconds, 1),
+    s = summary.summarize_run(run.run_dir, rule, exit_code=code, wall_seconds=round(seconds, 1),
                              command="stablerl " + shlex.join(plan.command))
-    report.write_summary(run.run_dir, s)
+    summary.write_summary(run.run_dir, s)
     if s["status"] == "incomplete" or (code != 0 and s["status"] != "aborted"):
         return Outcome(plan, "failed", code, seconds, f"exit {code}: {last_line(run.log)}")
     acc = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.1%}"

@@ -48,9 +48,9 @@ class Metric:
     sft: bool = False  # an SFT run logs it too (eval/*, time/step)
     label: str | None = None  # legend label in a run's curves.png (stablerl.plots); needs `panel`
     panel: str | None = None  # the curves.png panel it is drawn in (a title in PANELS)
-    title: str | None = None  # panel title in the report's per-cell plots (one panel per metric)
+    title: str | None = None  # panel title in the report's per-cell plots (one panel per metric; `{i}`: per layer)
     log: bool = False  # the report's panel has a log-scale y
-    signal: bool = False  # studied as an early-warning signal (stablerl.leadtime)
+    signal: bool = False  # studied as an early-warning signal (stablerl.study.leadtime)
     summary: tuple[str, ...] = ()  # the run summary's keys computed from it (stablerl.summary.summarize_run)
 
 
@@ -72,10 +72,10 @@ def _is_stats(part: str, what: str, **at_max) -> list[Metric]:
     return out
 
 
-def _route(prefix: str, what: str, when: str, **at_mean) -> list[Metric]:
+def _route(prefix: str, what: str, when: str, layer_title: str | None = None, **at_mean) -> list[Metric]:
     """Routing agreement per MoE layer and its mean (E7); `at_mean`: how readers show the mean."""
     agree = f"share of tokens with the same expert set, {what}"
-    return [Metric(f"route/{prefix}/layer{{i}}", f"{agree}, layer i", when),
+    return [Metric(f"route/{prefix}/layer{{i}}", f"{agree}, layer i", when, title=layer_title),
             Metric(f"route/{prefix}/mean", at_mean.pop("meaning", f"{agree}, mean over layers"), when, **at_mean)]
 
 
@@ -134,7 +134,8 @@ METRICS: list[Metric] = [
     Metric("fidelity/{stat}/mb{j}", "a fidelity/ stat at E8 mini-batch j", "fidelity_mb",
            summary=("replay_cosine_mb{j}_mean", "routing_bias_cosine_mb{j}_mean")),
     *_route("infer_vs_train", "engine (μ) vs trainer (π_old)", "moe_engine",
-            meaning="routing agreement engine vs trainer", label="engine vs trainer", panel=_ROUTE, signal=True),
+            "routing agreement, engine vs trainer, layer{i} (E7)", meaning="routing agreement engine vs trainer",
+            label="engine vs trainer", panel=_ROUTE, signal=True),
     *_route("old_vs_current", "θ_old vs the current mini-batch's weights", "moe_stale", label="θ_old vs current",
             panel=_ROUTE),
     *_route("cross_step", "the router at θ_{t-1} vs θ_t", "moe_cross", meaning="routing agreement θ_{t-1} vs θ_t",

@@ -6,7 +6,7 @@ is/discrepancy_max, clip/frac, route/infer_vs_train/mean, route/cross_step/mean,
 `signal` entries of stablerl.metrics.METRICS). A rule such as `kl/k3>0.01` watches any RL metric of that registry
 (`check_rules`, at config load); the trainer evaluates its rules every step (`train.warn_on`) and acts on the first
 crossing (`train.on_warning`). Which signal leads collapse, by how much, and how often it cries wolf is
-measured over a study's runs by `stablerl.leadtime`, not assumed here.
+measured over a study's runs by `stablerl.study.leadtime`, not assumed here.
 
 No torch here: rules are plain data, tested on plain floats.
 """
@@ -61,7 +61,7 @@ class Watch:
     back: one warning per excursion, not one per step of a long one. A warning marks a change, so a signal that is
     beyond at the run's first step (a property of the configuration, e.g. clip fraction 0 on-policy) does not fire
     until it has been back once; a signal first logged later (fidelity every k steps) fires on its first value
-    beyond. The lead-time study (stablerl.leadtime.first_alarm) counts alarms the same way. NaN or a missing value
+    beyond. The lead-time study (stablerl.study.leadtime.first_alarm) counts alarms the same way. NaN or a missing value
     counts as neither side. A resumed run replays its logged rows through `check` first (the trainer does)."""
 
     rules: tuple[Rule, ...]

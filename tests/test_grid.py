@@ -5,6 +5,7 @@ study run through the executor as subprocesses."""
 import fcntl
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from stablerl.cli import main
 from stablerl.config import ConfigError, load_config, save_config
 from stablerl.errors import UserError
 from stablerl.executor import Plan, estimate_seconds, plan_run, plan_workers
-from stablerl.grid import STUDIES, Estimate, expand, load_study
+from stablerl.study.definition import STUDIES, Estimate, expand, load_study
 
 STUDY = """\
 name: demo
@@ -232,7 +233,8 @@ TINY = ["train.batch_prompts=2", "train.group_size=4", "engine.max_new_tokens=8"
 
 
 def test_tiny_study_runs_as_subprocesses_reports_a_failure_then_skips_when_rerun(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the runs import the test reward
+    # the runs import the test reward, and the stablerl of this checkout (not another one installed in the venv)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)]))
     monkeypatch.chdir(tmp_path)
     study = {"name": "tiny", "seeds": [0], "overrides": TINY,
              "cells": {"a": [], "b": ["algo.loss=minirl_no_is", "train.stpes=1"]}}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stablerl.leadtime import Curve, choose, first_alarm, markdown, rank_signals, score, split
+from stablerl.study.leadtime import Curve, choose, first_alarm, markdown, rank_signals, score, split
 from stablerl.warning import Rule
 
 

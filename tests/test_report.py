@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from stablerl.cli import main
-from stablerl.commands.report import plan_copy, write_report
 from stablerl.errors import UserError
-from stablerl.report import CollapseRule, aborted, detect_collapse, run_status, summarize_run
-from stablerl.verdicts import (
+from stablerl.study.report import plan_copy, write_report
+from stablerl.study.summary import CollapseRule, aborted, detect_collapse, run_status, summarize_run
+from stablerl.study.verdicts import (
     CellStats,
     Thresholds,
     collapses_without,
@@ -98,6 +98,30 @@ def test_summary_from_files(tmp_path):
     write_run(tmp_path / "b", RISE[:20], steps=60)
     write_run(tmp_path / "c", RISE[:20], steps=60, log="stablerl train: error: aborting: 3 steps in a row had NaN")
     assert run_status(tmp_path / "b") == ("incomplete", 20) and run_status(tmp_path / "c") == ("aborted", 20)
+
+
+def test_status_json_is_the_trainers_word_and_old_runs_fall_back_to_inference(tmp_path):
+    # the trainer's status.json decides, whatever the log says: aborted, or finished early (on_warning=stop), which
+    # is not done (--resume continues it); once the row of train.steps is there the run is done either way
+    said = {"aborted": ("aborted", 20), "finished": ("incomplete", 20)}
+    for status, want in said.items():
+        d = tmp_path / status
+        write_run(d, RISE[:20], steps=60, log="stablerl train: error: aborting: 3 steps in a row had NaN")
+        (d / "status.json").write_text(json.dumps({"status": status, "step": 20, "reason": "one line"}))
+        assert run_status(d) == want
+    write_run(tmp_path / "done", RISE[:20])
+    (tmp_path / "done" / "status.json").write_text(json.dumps({"status": "aborted", "step": 20, "reason": "x"}))
+    assert run_status(tmp_path / "done") == ("done", 20)
+    # without status.json and without max_bad_steps in its config, a run's last rows are judged with the config
+    # class's default (3): two bad steps are not an abort, three are
+    bad = {"reward/mean": 0.5, "guard/skipped_minibatches": 1}
+    for n, want in ((2, "incomplete"), (3, "aborted")):
+        d = tmp_path / f"old{n}"
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 60}}))
+        extra = [{"step": 20 + k, **bad} for k in range(1, n + 1)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(RISE[:20]) + extra))
+        assert run_status(d) == (want, 20 + n)
 
 
 def cell(name, collapsed, acc=None, init=None):
@@ -253,7 +277,7 @@ def test_report_cli_on_plain_run_directories(tmp_path, capsys):
 
 def test_report_never_imports_the_trainer(tmp_path):
     d = make_study(tmp_path)
-    code = ("import sys; from pathlib import Path; from stablerl.commands.report import write_report; "
+    code = ("import sys; from pathlib import Path; from stablerl.study.report import write_report; "
             f"write_report([Path({str(d)!r})], Path({str(tmp_path / 'rep')!r})); "
             "bad = [m for m in ('stablerl.trainer', 'stablerl.engine', 'stablerl.model') if m in sys.modules]; "
             "assert not bad, bad")

@@ -6,7 +6,7 @@ not calibrated yet (see the files). The expected time is printed before anything
 """
 
 from stablerl.commands.study import add_study_arguments, run_study
-from stablerl.grid import STUDIES, load_study
+from stablerl.study.definition import STUDIES, load_study
 
 
 def add_arguments(p) -> None:

@@ -1,17 +1,19 @@
-"""Studies (DESIGN §2 grid): a base config, named cells of `key=value` overrides and a list of seeds, expanded into
-one run per (cell, seed), each checked against the typed config before anything runs; and the plan for each run's
-directory (skip finished, resume interrupted, start fresh), the process x thread sizing and the time estimate.
+"""The study definition (DESIGN §2 grid): a base config, named cells of `key=value` overrides and a list of seeds,
+expanded into one run per (cell, seed), each checked against the typed config before anything runs, with the
+assumed timings of the time estimate.
 
 A study is a YAML file (the paper's grid: stablerl/studies/quick.yaml and full.yaml; format in docs/reproduce.md).
 Runs are `<out>/<study>/<cell>/seed<k>` (`stablerl train`) and `<out>/<study>/cold/<name>` (cold starts, built once
-each by `stablerl sft` before any cell that starts from them). Executing runs is stablerl/executor.py; reading
-their results is stablerl/report.py. Nothing here imports the trainer.
+each by `stablerl sft` before any cell that starts from them). Executing runs is stablerl/executor.py (driven by
+stablerl.study.run); reading their results is stablerl.study.summary and stablerl.study.report. Nothing here imports
+the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,8 +24,10 @@ import yaml
 
 from stablerl.config import Config, ConfigError, load_config, read_yaml
 from stablerl.errors import UserError
+from stablerl.study.summary import collapse_rule
+from stablerl.study.verdicts import finding_roles
 
-STUDIES = Path(__file__).parent / "studies"  # the studies shipped with stablerl (`stablerl reproduce`)
+STUDIES = Path(__file__).parent.parent / "studies"  # the studies shipped with stablerl (`stablerl reproduce`)
 RESERVED = ("seed", "name", "out_dir", "init")  # set by the study itself: its seeds, run names, --out, cold starts
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # cell / cold start / study names: path components, no dots or slashes
 TOP_KEYS = ("name", "base", "overrides", "seeds", "cold_starts", "init", "cells", "sweeps", "findings", "estimate",
@@ -51,7 +55,7 @@ class Cell:
 
 @dataclass(frozen=True)
 class Finding:
-    """A claim of the paper, tested by a verdict rule of stablerl.report over the cells that play its roles."""
+    """A claim of the paper, tested by a verdict rule of stablerl.study.verdicts over the cells that play its roles."""
 
     name: str
     rule: str
@@ -73,7 +77,7 @@ class Study:
     sweeps: dict[str, dict[str, tuple[str, ...]]]  # sweep -> axis -> values in order
     findings: dict[str, Finding]
     estimate: Estimate = field(default_factory=Estimate)
-    collapse: dict[str, Any] = field(default_factory=dict)  # CollapseRule fields; defaults in stablerl.report
+    collapse: dict[str, Any] = field(default_factory=dict)  # CollapseRule fields; defaults in stablerl.study.summary
     text: str = ""  # the file as written, copied next to the runs
     lines: dict[tuple, str] = field(default_factory=dict, repr=False)  # key path -> "file:line: "
 
@@ -208,7 +212,7 @@ def load_study(path: str | Path) -> Study:
     for k, v in r.mapping(data.get("findings"), ("findings",)).items():
         v = r.mapping(v, ("findings", k), ("rule", "roles", "claim"))
         if not isinstance(v.get("rule"), str):
-            raise r.err(("findings", k), "needs rule: <a verdict rule of stablerl.report>")
+            raise r.err(("findings", k), "needs rule: <a verdict rule of stablerl.study.verdicts>")
         findings[str(k)] = Finding(str(k), v["rule"], r.mapping(v.get("roles"), ("findings", k, "roles")),
                                    str(v.get("claim", "")), r.lines.get(("findings", k), ""))
     est = r.mapping(data.get("estimate"), ("estimate",), tuple(f.name for f in dataclasses.fields(Estimate)))
@@ -221,8 +225,6 @@ def load_study(path: str | Path) -> Study:
                   r.mapping(data.get("collapse"), ("collapse",)), text, r.lines)
     for f in study.findings.values():
         finding_roles(study, f)  # a finding naming a cell that does not exist fails now, not after the runs
-    from stablerl.report import collapse_rule
-
     collapse_rule(study.collapse, r.lines.get(("collapse",), f"{p}: "))
     return study
 
@@ -273,8 +275,6 @@ def _checked(base: Config, overrides: list[str], where: str, what: str) -> Confi
 
 def select_cells(study: Study, patterns: list[str] | None) -> list[str]:
     """Cell names matching any of the glob `patterns` (all when None); an unmatched pattern is an error."""
-    import fnmatch
-
     if not patterns:
         return list(study.cells)
     chosen = []
@@ -333,49 +333,3 @@ def expand(study: Study, out: str | Path, extra: list[str] | tuple[str, ...] = (
 def _args(command: str, study: Study, overrides: list[str]) -> tuple[str, ...]:
     base = ("--config", str(study.base)) if study.base is not None else ()
     return (command, "--no-progress", *base, *overrides)
-
-
-# ---- findings: which cells play which role --------------------------------------------------------------------
-
-
-def finding_roles(study: Study, f: Finding) -> dict[str, Any]:
-    """The cells that play each role of finding `f`'s verdict rule (stablerl.report.RULES): {role: cell, [cells], or
-    {(N, clip, replay): cell} for a sweep}. ConfigError naming the finding for an unknown rule, a missing role, or a
-    cell or sweep the study does not define; checked when the study is loaded, long before any verdict."""
-    from stablerl.verdicts import RULES
-
-    at = f"{f.where}findings.{f.name}"
-    if f.rule not in RULES:
-        raise ConfigError(f"{at}.rule: unknown rule {f.rule!r} (rules: {', '.join(RULES)})")
-    spec = RULES[f.rule][1]
-    if set(f.roles) != set(spec):
-        raise ConfigError(f"{at}.roles: rule {f.rule} needs roles {', '.join(spec)}; "
-                          f"got {', '.join(f.roles) or 'none'}")
-    out: dict[str, Any] = {}
-    for role, kind in spec.items():
-        v = f.roles[role]
-        names = v if kind == "cells" else [v]
-        if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
-            raise ConfigError(f"{at}.roles.{role}: expected {'a list of cell names' if kind == 'cells' else 'a name'}"
-                              f", got {v!r}")
-        pool = study.sweeps if kind == "sweep" else study.cells
-        for x in names:
-            if x not in pool:
-                close = difflib.get_close_matches(x, list(pool), n=1)
-                raise ConfigError(f"{at}.roles.{role}: the study has no {'sweep' if kind == 'sweep' else 'cell'} "
-                                  f"{x!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        out[role] = _sweep_grid(study, v, at) if kind == "sweep" else v
-    return out
-
-
-def _sweep_grid(study: Study, sweep: str, at: str) -> dict[tuple[str, ...], str]:
-    """{(value of each SWEEP_AXES axis, in that order): cell name} of a sweep whose axes the rule can read."""
-    from stablerl.verdicts import SWEEP_AXES
-
-    axes = study.sweeps[sweep]
-    for axis, need in SWEEP_AXES.items():
-        if axis not in axes or (need and not need <= set(axes[axis])):
-            raise ConfigError(f"{at}: sweep {sweep!r} needs the axes {', '.join(SWEEP_AXES)} (values: "
-                              + "; ".join(f"{a}: {', '.join(sorted(v)) if v else 'any'}" for a, v in SWEEP_AXES.items())
-                              + f"); it has {', '.join(f'{a}: {list(v)}' for a, v in axes.items())}")
-    return {tuple(dict(c.axes)[a] for a in SWEEP_AXES): c.name for c in study.cells.values() if c.sweep == sweep}

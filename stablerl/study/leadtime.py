@@ -11,8 +11,8 @@ other:
   and false alarms k/n. The table is ranked by the held-out J, then by lead.
 An alarm is a crossing: the signal beyond the threshold after an earlier value on the safe side (first_alarm).
 
-A run's collapse step is the collapse rule's (stablerl.report.detect_collapse), so it lags the first bad step by up
-to the rule's smoothing window: a lead of 0-2 steps is no warning in practice. No torch; plain metrics rows in.
+A run's collapse step is the collapse rule's (stablerl.study.summary.detect_collapse), so it lags the first bad step
+by up to the rule's smoothing window: a lead of 0-2 steps is no warning in practice. No torch; plain metrics rows in.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Results from run directories alone (DESIGN §2: a run's results are files, and reports read only files): the
-collapse rule and one summary per run. Statistics per cell and the verdict rules for F1-F5 are stablerl/verdicts.py.
+"""The run summary, from a run directory alone (DESIGN §2: a run's results are files, and reports read only files):
+its status, the collapse rule and one summary per run. Statistics per cell and the verdict rules for F1-F5 are
+stablerl.study.verdicts; the report (Markdown, PNG) is stablerl.study.report.
 
 This module never imports the trainer, the engine or the model (tests/test_report.py checks it), so a summary can
 be (re)computed for any run directory, on any machine, long after the run. Every rule is a small pure function with
-its statement in its docstring; the report prints that statement next to each verdict. Rendering (Markdown, PNG) is
-stablerl/commands/report.py.
+its statement in its docstring; the report prints that statement next to each verdict.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import yaml
 
-from stablerl.config import ConfigError
+from stablerl.config import ConfigError, TrainConfig
 from stablerl.metrics import read_metrics
-
-if TYPE_CHECKING:
-    pass
+from stablerl.util import finite, write_text_atomic
 
 SUMMARY = "summary.json"
+STATUS = "status.json"  # the trainer's word on how a run ended: {"status": "finished" | "aborted", "step", "reason"}
 SUMMARY_FORMAT = "stablerl.run-summary/1"  # tells an executor's summary from the quickstart's own summary.json
 REWARD = "reward/mean"
 
@@ -76,8 +75,7 @@ class Collapse:
 
 
 def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(r["step"], float(r[key])) for r in rows
-            if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    return [(r["step"], v) for r in rows if (v := finite(r.get(key))) is not None]
 
 
 def detect_collapse(rows: list[dict], rule: CollapseRule = CollapseRule(), aborted: bool = False) -> Collapse:
@@ -125,9 +123,10 @@ def _read_config(run_dir: Path) -> dict:
 
 
 def aborted(rows: list[dict], max_bad_steps: int, log: str = "") -> bool:
-    """The NaN guard stopped the run: its log says so, or its last step rows hold `max_bad_steps` bad steps (every
-    mini-batch tried was skipped: `guard/skipped_minibatches` > 0 and no `loss/policy`) with no good step after
-    them; steps that tried no update (all rewards equal) leave the count alone, as in the trainer."""
+    """For runs without a status.json (made before the trainer wrote one): the NaN guard stopped the run if its log
+    says so, or its last step rows hold `max_bad_steps` bad steps (every mini-batch tried was skipped:
+    `guard/skipped_minibatches` > 0 and no `loss/policy`) with no good step after them; steps that tried no update
+    (all rewards equal) leave the count alone, as in the trainer."""
     if "aborting:" in log:
         return True
     bad = 0
@@ -151,9 +150,19 @@ def tail_text(path: Path, chars: int = 4000) -> str:
 FINISHED = ("done", "aborted")  # run statuses that no further work changes: counted, kept, skipped by the executor
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def run_status(run_dir: str | Path, steps: int | None = None) -> tuple[Literal["done", "aborted", "incomplete"], int]:
     """(status, RL steps logged) of a train run directory, from its files: `done` once metrics.jsonl has the row of
-    step train.steps, `aborted` when the NaN guard stopped it, else `incomplete` (running, killed or failed)."""
+    step train.steps; `aborted` when the trainer's status.json says so (the NaN guard stopped it); else `incomplete`
+    (running, killed, failed, or stopped early by train.on_warning=stop: `--resume` continues it). A run without a
+    status.json (made before the trainer wrote one) is judged aborted by `aborted`: its log or its last rows."""
     run_dir = Path(run_dir)
     cfg = _read_config(run_dir)
     train = cfg.get("train") or {}
@@ -162,7 +171,11 @@ def run_status(run_dir: str | Path, steps: int | None = None) -> tuple[Literal["
     done = max((r["step"] for r in rows if REWARD in r), default=0)
     if steps is not None and done >= steps:
         return "done", done
-    if rows and aborted(rows, int(train.get("max_bad_steps", 3)), tail_text(run_dir / "train.log")):
+    said = _read_json(run_dir / STATUS)
+    if said is not None:
+        return ("aborted" if said.get("status") == "aborted" else "incomplete"), done
+    bad = int(train.get("max_bad_steps", TrainConfig.max_bad_steps))  # the config's default when the run's omits it
+    if rows and aborted(rows, bad, tail_text(run_dir / "train.log")):
         return "aborted", done
     return "incomplete", done
 
@@ -183,11 +196,8 @@ def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **ex
     earlier summary.json of the run holds are kept (recomputing a summary must not lose what only the executor knew)."""
     run_dir = Path(run_dir)
     if not extra:
-        try:
-            old = json.loads((run_dir / SUMMARY).read_text())
-        except (OSError, ValueError):
-            old = {}
-        if isinstance(old, dict) and old.get("format") == SUMMARY_FORMAT:
+        old = _read_json(run_dir / SUMMARY) or {}
+        if old.get("format") == SUMMARY_FORMAT:
             extra = {k: old[k] for k in ("exit_code", "wall_seconds", "command") if k in old}
     cfg = _read_config(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -232,11 +242,7 @@ def summarize_run(run_dir: str | Path, rule: CollapseRule = CollapseRule(), **ex
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:
-    path = Path(run_dir) / SUMMARY
-    tmp = path.with_name(SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(path)  # atomic: a reader (or a crash) never sees half a summary
-    return path
+    return write_text_atomic(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def measured_step_seconds(run_dirs: list[Path]) -> float | None:

@@ -1,20 +1,23 @@
-"""Verdicts from run summaries: statistics per cell over seeds, and the rules that turn them into supported / not
-supported / inconclusive for the paper's findings F1-F5 (DESIGN §1). Every rule is a small pure function with its
-statement in its docstring; the report prints that statement next to each verdict. Reads summaries only (no trainer).
+"""The verdict rules: statistics per cell over seeds, and the rules that turn them into supported / not supported /
+inconclusive for the paper's findings F1-F5 (DESIGN §1), with which cells play each rule's roles in a study
+(`finding_roles`). Every rule is a small pure function with its statement in its docstring; the report prints that
+statement next to each verdict. Reads run summaries only (no trainer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from stablerl.report import FINISHED
+from stablerl.config import ConfigError
+from stablerl.study.summary import FINISHED
 
-if TYPE_CHECKING:
-    from stablerl.grid import Study
+if TYPE_CHECKING:  # types only: the study definition imports this module to check its findings' roles
+    from stablerl.study.definition import Finding, Study
 
 
 # ---- cells: statistics over seeds ------------------------------------------------------------------------------
@@ -54,8 +57,8 @@ class CellStats:
         return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
 
     def short(self) -> str:
-        return (f"{self.name} collapsed {self.collapsed}/{self.n}, final acc {_pct(self.mean('final_accuracy'))} "
-                f"± {_pct(self.std('final_accuracy'))}")
+        return (f"{self.name} collapsed {self.collapsed}/{self.n}, final acc {pct(self.mean('final_accuracy'))} "
+                f"± {pct(self.std('final_accuracy'))}")
 
 
 def cell_stats(name: str, summaries: list[dict], expected: int = 0) -> CellStats:
@@ -64,8 +67,9 @@ def cell_stats(name: str, summaries: list[dict], expected: int = 0) -> CellStats
     return CellStats(name, done, max(expected, len(summaries)) - len(done))
 
 
-def _pct(x: float) -> str:
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+def pct(x: float | None, unit: str = "%", missing: str = "-") -> str:
+    """100·x with one decimal, then `unit`; `missing` for None or NaN (a cell without finished runs)."""
+    return missing if x is None or math.isnan(x) else f"{100 * x:.1f}{unit}"
 
 
 # ---- verdict rules --------------------------------------------------------------------------------------------
@@ -226,7 +230,7 @@ def comparable(cells: list[CellStats], th: Thresholds = Thresholds()) -> Verdict
     not differ (their initial held-out accuracies span no more than 5 points). Otherwise supported if the mean final
     accuracies span no more than the larger of 5 points and the largest standard deviation over seeds; not
     supported if they span more."""
-    nums = "; ".join(f"{c.short()} (initial {_pct(c.mean('initial_accuracy'))})" for c in cells)
+    nums = "; ".join(f"{c.short()} (initial {pct(c.mean('initial_accuracy'))})" for c in cells)
     if v := _few(cells, th):
         return Verdict(v.outcome, f"{v.numbers}; {nums}")
     if any(c.rate > th.stable for c in cells):
@@ -255,8 +259,6 @@ SWEEP_AXES = {"N": None, "clip": {"clip", "noclip"}, "replay": {"none", "R2", "R
 def evaluate_findings(study: Study, stats: dict[str, CellStats], th: Thresholds = Thresholds()) -> dict[str, Verdict]:
     """Each finding of `study` -> the verdict of its rule over the cells playing its roles (a cell with no finished
     runs counts as 0 seeds: inconclusive), with the rule's statement attached."""
-    from stablerl.grid import finding_roles
-
     def get(name: str) -> CellStats:
         return stats.get(name) or CellStats(name)
 
@@ -269,3 +271,45 @@ def evaluate_findings(study: Study, stats: dict[str, CellStats], th: Thresholds 
         statement = " ".join((fn.__doc__ or "").split())
         out[f.name] = dataclasses.replace(fn(**kw, th=th), rule=f"`{f.rule}`: {statement}")
     return out
+
+
+# ---- findings: which cells play which role --------------------------------------------------------------------
+
+
+def finding_roles(study: Study, f: Finding) -> dict[str, Any]:
+    """The cells that play each role of finding `f`'s verdict rule (RULES): {role: cell, [cells], or
+    {(N, clip, replay): cell} for a sweep}. ConfigError naming the finding for an unknown rule, a missing role, or a
+    cell or sweep the study does not define; checked when the study is loaded, long before any verdict."""
+    at = f"{f.where}findings.{f.name}"
+    if f.rule not in RULES:
+        raise ConfigError(f"{at}.rule: unknown rule {f.rule!r} (rules: {', '.join(RULES)})")
+    spec = RULES[f.rule][1]
+    if set(f.roles) != set(spec):
+        raise ConfigError(f"{at}.roles: rule {f.rule} needs roles {', '.join(spec)}; "
+                          f"got {', '.join(f.roles) or 'none'}")
+    out: dict[str, Any] = {}
+    for role, kind in spec.items():
+        v = f.roles[role]
+        names = v if kind == "cells" else [v]
+        if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+            raise ConfigError(f"{at}.roles.{role}: expected {'a list of cell names' if kind == 'cells' else 'a name'}"
+                              f", got {v!r}")
+        pool = study.sweeps if kind == "sweep" else study.cells
+        for x in names:
+            if x not in pool:
+                close = difflib.get_close_matches(x, list(pool), n=1)
+                raise ConfigError(f"{at}.roles.{role}: the study has no {'sweep' if kind == 'sweep' else 'cell'} "
+                                  f"{x!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        out[role] = _sweep_grid(study, v, at) if kind == "sweep" else v
+    return out
+
+
+def _sweep_grid(study: Study, sweep: str, at: str) -> dict[tuple[str, ...], str]:
+    """{(value of each SWEEP_AXES axis, in that order): cell name} of a sweep whose axes the rule can read."""
+    axes = study.sweeps[sweep]
+    for axis, need in SWEEP_AXES.items():
+        if axis not in axes or (need and not need <= set(axes[axis])):
+            raise ConfigError(f"{at}: sweep {sweep!r} needs the axes {', '.join(SWEEP_AXES)} (values: "
+                              + "; ".join(f"{a}: {', '.join(sorted(v)) if v else 'any'}" for a, v in SWEEP_AXES.items())
+                              + f"); it has {', '.join(f'{a}: {list(v)}' for a, v in axes.items())}")
+    return {tuple(dict(c.axes)[a] for a in SWEEP_AXES): c.name for c in study.cells.values() if c.sweep == sweep}
