@@ -10,6 +10,7 @@ from test_trainer import TINY
 from stablerl.config import ConfigError, load_config
 from stablerl.metrics import FIDELITY_STATS, METRIC, METRICS, PANELS, WHEN, lookup, read_metrics
 from stablerl.sft import run_sft
+from stablerl.study.summary import summarize_run
 from stablerl.trainer import train
 
 DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
@@ -65,6 +66,10 @@ def test_a_two_step_run_logs_every_registered_name_under_its_condition(tmp_path)
             assert {f"fidelity/{s}/mb{j}" for s in FIDELITY_STATS for j in (0, 1)} <= set(rows[step])
     assert seen == {m.name for m in METRICS if m.when != "sft"}  # every RL name, some step
     assert rows[2]["warn/train/lr"] == rows[2]["train/lr"] and "warn/train/lr" not in rows[1]
+    # the summary keys the registry says are computed from these metrics (per mini-batch j: 0 and 1 here)
+    summary = summarize_run(tmp_path / "all")
+    keys = {k.format(j=j) for m in METRICS for k in m.summary for j in (0, 1)}
+    assert keys <= set(summary), sorted(keys - set(summary))
 
 
 def test_an_sft_run_logs_the_sft_names(tmp_path):
