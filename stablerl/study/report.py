@@ -23,8 +23,23 @@ from stablerl.metrics import METRIC, METRICS, read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
 from stablerl.study.definition import Study, load_study
 from stablerl.study.leadtime import Curve, markdown, rank_signals
-from stablerl.study.summary import FINISHED, REPLAY_STATS, collapse_rule, run_status, summarize_run
-from stablerl.study.verdicts import CellStats, Thresholds, cell_stats, evaluate_findings, finding_roles, pct
+from stablerl.study.summary import (
+    FINISHED,
+    REPLAY_STATS,
+    CollapseRule,
+    collapse_rule,
+    run_status,
+    summarize_run,
+)
+from stablerl.study.verdicts import (
+    CellStats,
+    Thresholds,
+    Verdict,
+    cell_stats,
+    evaluate_findings,
+    finding_roles,
+    pct,
+)
 from stablerl.util import finite, write_text_atomic
 
 # (metric key, panel title, log-scale y) of the per-cell plots: the registry's metrics with a report title;
@@ -144,13 +159,22 @@ def made_by(dirs: list[Path]) -> str | None:
     return "`, then `".join(lines) or None  # a repeated invocation (a resume) once
 
 
-def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th: Thresholds | None = None) -> Path:
-    """Write OUT/report.md, one PNG per finding (or per group of cells) and OUT/summaries.json; the report's path."""
-    th = th or Thresholds()
-    found_study, runs, cold = find_runs(dirs)
-    study = load_study(study_path) if study_path else found_study
-    rule = collapse_rule(study.collapse if study else {})
-    by_cell: dict[str, list[dict]] = {}  # recomputed from the files, so that the rule applies to old runs too
+@dataclass(frozen=True)
+class Judgement:
+    """The runs judged by one collapse rule and one set of verdict thresholds: what a report states. Judging the same
+    runs under other rule settings (another `CollapseRule`, other `Thresholds`) is another `judge` call."""
+
+    summaries: list[dict]  # one per train run, in find_runs order, with its "cell" and "run" (label)
+    by_cell: dict[str, list[dict]]  # the same summaries per cell
+    order: list[str]  # the cells with runs: the study's first, in its order, then the others
+    stats: dict[str, CellStats]  # per cell, the study's cells without runs included (0 seeds)
+    verdicts: dict[str, Verdict]  # per finding of the study (none without a study)
+
+
+def judge(study: Study | None, runs: list[Found], rule: CollapseRule, th: Thresholds) -> Judgement:
+    """Summaries recomputed from the run files under `rule` (so that it applies to old runs too), statistics per cell
+    and a verdict per finding under `th`."""
+    by_cell: dict[str, list[dict]] = {}
     summaries = [{**summarize_run(f.run_dir, rule), "cell": f.cell, "run": f.label} for f in runs]
     for f, s in zip(runs, summaries):
         by_cell.setdefault(f.cell, []).append(s)
@@ -158,11 +182,21 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
                                                                             if not study or c not in study.cells]
     expected = len(study.seeds) if study else 0
     stats = {c: cell_stats(c, by_cell.get(c, []), expected) for c in [*(study.cells if study else []), *order]}
+    return Judgement(summaries, by_cell, order, stats, evaluate_findings(study, stats, th) if study else {})
+
+
+def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th: Thresholds | None = None) -> Path:
+    """Write OUT/report.md, one PNG per finding (or per group of cells) and OUT/summaries.json; the report's path."""
+    th = th or Thresholds()
+    found_study, runs, cold = find_runs(dirs)
+    study = load_study(study_path) if study_path else found_study
+    rule = collapse_rule(study.collapse if study else {})
+    j = judge(study, runs, rule, th)
+    summaries, by_cell, order, stats, verdicts = j.summaries, j.by_cell, j.order, j.stats, j.verdicts
     rows = {f.cell: [] for f in runs}
     for f in runs:
         rows[f.cell].append(read_metrics(f.run_dir / "metrics.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
-    verdicts = evaluate_findings(study, stats, th) if study else {}
     command = made_by(dirs) if study is not None else None
     done = [s for ss in by_cell.values() for s in ss]
     md = [f"# {study.name if study else 'runs'}: report", "",
