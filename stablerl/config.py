@@ -40,6 +40,9 @@ class EngineConfig:
     top_k: int = 0  # 0 = no top-k truncation
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # stop strings (EOS always stops)
+    # engine-only discrepancy dial (E3): projection/expert weights rounded to this many bits per output channel
+    # (int8, int4 ... as quantised-rollout systems sample), then the numerics above; 0 = off. Native backend only.
+    weight_bits: int = 0
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,8 @@ def validate(cfg: Config) -> None:
                           f"{t.batch_prompts * t.group_size} (E8 needs equal mini-batches)")
     if not 0 < cfg.engine.top_p <= 1:
         raise ConfigError(f"engine.top_p: got {cfg.engine.top_p}, expected 0 < top_p <= 1")
+    if cfg.engine.weight_bits and not 2 <= cfg.engine.weight_bits <= 8:
+        raise ConfigError(f"engine.weight_bits: got {cfg.engine.weight_bits}, expected 0 (off) or 2..8")
     if cfg.engine.temperature < 0:
         raise ConfigError(f"engine.temperature: got {cfg.engine.temperature}, expected >= 0")
     a = cfg.algo

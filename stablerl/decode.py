@@ -121,6 +121,19 @@ class Fp8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def round_weights(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round-to-nearest symmetric integer quantisation per output channel (row), returned dequantised in w's dtype.
+
+    The engine-only discrepancy dial (`engine.weight_bits`): quantised-rollout systems sample from int8/int4 weight
+    copies of the trainer's policy, so μ ≠ π_θold by more than any float cast (E3's first factor). bits = 0: w as is.
+    """
+    if not bits:
+        return w
+    qmax = 2 ** (bits - 1) - 1  # symmetric: int8 -> [-127, 127], int4 -> [-7, 7]
+    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax  # (out, 1)
+    return (w.detach() / scale).round().clamp(-qmax, qmax) * scale
+
+
 def make_linear(weight, bias, numerics: str, emulate: bool = False) -> nn.Module:
     return Fp8Linear(weight, bias) if numerics == "fp8" else CastLinear(weight, bias, NUMERICS[numerics], emulate)
 
@@ -133,12 +146,13 @@ class Experts(nn.Module):
     Padding wins while groups are even and calls are dear: small bf16 GEMMs cost ~30 µs per call on CPU, fp32
     ones much less, so the padded path is taken up to `pad_limit` times the routed rows (measured, tiny-moe)."""
 
-    def __init__(self, experts: nn.ModuleList, numerics: str, emulate: bool = False):
+    def __init__(self, experts: nn.ModuleList, numerics: str, emulate: bool = False, weight_bits: int = 0):
         super().__init__()
         self.fp8, dtype = numerics == "fp8", NUMERICS[numerics]
         self.out_dtype = dtype
         gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]).detach()  # (E, 2I, H)
         dn = torch.stack([e.down_proj.weight for e in experts]).detach()  # (E, H, I)
+        gu, dn = round_weights(gu, weight_bits), round_weights(dn, weight_bits)  # per expert and output channel
         if self.fp8:  # scales per expert and output channel, like Fp8Linear
             (gu, gs), (dn, ds) = quantize_e4m3(gu, dim=2), quantize_e4m3(dn, dim=2)
             self.register_buffer("gu_scale", gs.transpose(1, 2))  # (E, 1, 2I)
@@ -231,10 +245,14 @@ class InferenceModel(nn.Module):
     """
 
     def __init__(self, model: Transformer, numerics: str, cache_dtype: torch.dtype | None = None,
-                 gather: Callable[[nn.Module], AbstractContextManager] = nullcontext):
+                 gather: Callable[[nn.Module], AbstractContextManager] = nullcontext, weight_bits: int = 0):
         """`gather(module)`: a context in which `module`'s own parameters are whole, for a sharded (FSDP) model; it
-        is entered for the model (embeddings, final norm, LM head), then for one decoder layer at a time."""
+        is entered for the model (embeddings, final norm, LM head), then for one decoder layer at a time.
+        `weight_bits` (0 = off): the projection and expert weights rounded to that many bits per output channel
+        (round_weights) before the numerics policy applies; embeddings, norms, router and LM head stay as they are,
+        as weight-only quantised serving keeps them."""
         super().__init__()
+        self.weight_bits = weight_bits
         with gather(model):
             self._copy(model, numerics, cache_dtype, gather)
 
@@ -269,11 +287,14 @@ class InferenceModel(nn.Module):
         dt = self.dtype
         a = blk.self_attn
         bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        def q(w):  # the engine-only dial (engine.weight_bits); a no-op at 0
+            return round_weights(w, self.weight_bits)
+
         lay = {"ln1": blk.input_layernorm.weight.detach().to(dt).clone(),
                "ln2": blk.post_attention_layernorm.weight.detach().to(dt).clone(),
-               "qkv": make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias, numerics,
+               "qkv": make_linear(q(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), bias, numerics,
                                   em),
-               "o": make_linear(a.o_proj.weight, a.o_proj.bias, numerics, em)}
+               "o": make_linear(q(a.o_proj.weight), a.o_proj.bias, numerics, em)}
         if cfg.qk_norm:  # one weight row per q head then per k head: (nh + nkv, D)
             lay["qk_norm"] = torch.cat([a.q_norm.weight.detach().expand(self.nh, -1),
                                         a.k_norm.weight.detach().expand(self.nkv, -1)]).to(dt).clone()
@@ -281,12 +302,12 @@ class InferenceModel(nn.Module):
         if blk.is_moe:
             # The router stays in the activation dtype even under fp8, as fp8 serving stacks keep it.
             lay["router"] = CastLinear(m.gate.weight, None, dt, em)
-            lay["experts"] = Experts(m.experts, numerics, em)
+            lay["experts"] = Experts(m.experts, numerics, em, self.weight_bits)
             lay["k"], lay["norm_topk"] = m.k, m.norm_topk
         else:
             gb = None if m.gate_proj.bias is None else torch.cat([m.gate_proj.bias, m.up_proj.bias])
-            lay["gate_up"] = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gb, numerics, em)
-            lay["down"] = make_linear(m.down_proj.weight, m.down_proj.bias, numerics, em)
+            lay["gate_up"] = make_linear(q(torch.cat([m.gate_proj.weight, m.up_proj.weight])), gb, numerics, em)
+            lay["down"] = make_linear(q(m.down_proj.weight), m.down_proj.bias, numerics, em)
         return lay
 
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -115,9 +115,10 @@ class Engine:
     def __init__(self, model_or_dir: Transformer | str | Path, tokenizer=None, numerics: str = "bf16",
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
                  stop: tuple[str, ...] = (), model_seed: int = 0, threads: int | None = None,
-                 gather: Callable[[nn.Module], AbstractContextManager] = nullcontext):
+                 gather: Callable[[nn.Module], AbstractContextManager] = nullcontext, weight_bits: int = 0):
         if numerics not in NUMERICS:
             raise UserError(f"numerics: got {numerics!r}, expected one of {', '.join(map(repr, NUMERICS))}")
+        self.weight_bits = weight_bits  # the engine-only discrepancy dial (decode.round_weights); 0 = off
         model_or_dir, tokenizer = backend_model(model_or_dir, tokenizer, model_seed, "Engine")
         self.tokenizer, self.numerics, self.config = tokenizer, numerics, model_or_dir.config
         self.defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -132,7 +133,7 @@ class Engine:
     def from_config(cls, model_or_dir, tokenizer, cfg) -> Engine:
         """From a stablerl.config.EngineConfig: its numerics, and its sampling settings as the defaults."""
         return cls(model_or_dir, tokenizer, numerics=cfg.numerics, temperature=cfg.temperature, top_p=cfg.top_p,
-                   top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
+                   top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, weight_bits=cfg.weight_bits)
 
     @torch.no_grad()
     def sync(self, model: Transformer, gather: Callable[[nn.Module], AbstractContextManager] = nullcontext) -> None:
@@ -142,7 +143,7 @@ class Engine:
         if model.config != self.config:
             raise ValueError("Engine.sync: the model's config differs from the engine's")
         self.device = next(model.parameters()).device
-        self.model = InferenceModel(model, self.numerics, gather=gather)
+        self.model = InferenceModel(model, self.numerics, gather=gather, weight_bits=self.weight_bits)
 
     @property
     def context_length(self) -> int:

@@ -91,15 +91,20 @@ def make_backend(cfg, model: Transformer | str | Path, tokenizer=None, numerics:
     (stablerl.vllm_backend.VLLMBackend: workdir, max_num_seqs, llm_kwargs) and are refused by the native one.
     """
     e = getattr(cfg, "engine", cfg)
-    numerics = numerics or e.numerics
     sampling = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
                     stop=tuple(e.stop))
+    # the dial belongs to the rollout engine only: eval (`numerics` given) samples the policy's own weights
+    weight_bits = 0 if numerics else e.weight_bits
+    numerics = numerics or e.numerics
     if e.backend == "native":
         if options:
             raise UserError(f"engine.backend=native: unexpected option(s) {', '.join(sorted(options))} "
                             "(they are the vLLM backend's)")
-        return NativeBackend(model, tokenizer, numerics=numerics, gather=gather, **sampling)
+        return NativeBackend(model, tokenizer, numerics=numerics, gather=gather, weight_bits=weight_bits, **sampling)
     if e.backend == "vllm":
+        if weight_bits:
+            raise UserError("engine.weight_bits: the vLLM backend does not take it (set engine.backend=native, or "
+                            "serve a quantised checkpoint with vLLM's own quantization)")
         from stablerl.vllm_backend import VLLMBackend  # vllm itself is imported inside, only once it is needed
 
         return VLLMBackend(model, tokenizer, numerics=numerics, gather=gather, **sampling, **options)

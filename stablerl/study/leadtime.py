@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from stablerl.metrics import SIGNALS
 from stablerl.util import finite
@@ -147,4 +150,270 @@ def markdown(rows: list[Row], runs: list[Curve]) -> str:
         lead = "–" if h.lead is None else f"{h.lead:g} ({min(h.leads)}..{max(h.leads)})"
         lines.append(f"| {i} | {SIGNALS.get(r.signal, r.signal)} | `{r.rule}` | {r.fit.j:+.2f} | "
                      f"{h.detected}/{h.collapsed} | {lead} | {h.false_alarms}/{h.stable} | {h.j:+.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+# ---- judged fairly (issue 27): thresholds chosen with whole cells held out, two baselines, within-cell --------------
+# A run's seeds share its configuration, so a threshold chosen on one seed and scored on a sibling measures how well
+# the signal names the *cell*. Here every cell is scored by a rule chosen on the other cells only (leave-one-cell-out),
+# and two baselines are judged the same way: the rollout reward itself, and a rule that reads only the config.
+
+REWARD_KEY = "reward/mean"
+
+
+@dataclass(frozen=True)
+class CellCurve:
+    """A run with its cell (the study cell its seeds share) and its config summary (key -> value)."""
+
+    curve: Curve
+    cell: str
+    config: tuple[tuple[str, object], ...] = ()
+
+
+def reward_drop_alarm(curve: Curve, window: int = 5, frac: float = 0.7, key: str = REWARD_KEY) -> int | None:
+    """The reward baseline: the first RL step at which the `window`-step mean rollout reward is below `frac` x its
+    best value so far (fixed in advance, nothing fitted). Only steps up to the collapse count, as for the signals."""
+    end = math.inf if curve.collapse_step is None else curve.collapse_step
+    steps = [(r["step"], v) for r in curve.rows if (v := finite(r.get(key))) is not None and 1 <= r["step"] <= end]
+    best = -math.inf
+    for i in range(window - 1, len(steps)):
+        m = statistics.fmean(v for _, v in steps[i - window + 1: i + 1])
+        if m < frac * best:
+            return steps[i][0]
+        best = max(best, m)
+    return None
+
+
+@dataclass(frozen=True)
+class ConfigRule:
+    """A config-only predictor: fires at step 1 on every run whose config satisfies all its conditions."""
+
+    conds: tuple[tuple[str, str, object], ...]  # (key, "==" | "<=" | ">=", value)
+
+    def holds(self, config: dict) -> bool:
+        for k, op, v in self.conds:
+            x = config.get(k)
+            if x is None or (op == "==" and x != v) or (op == ">=" and not (_num(x) and x >= v)) or (
+                    op == "<=" and not (_num(x) and x <= v)):
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return " and ".join(f"{k}{op}{v:g}" if _num(v) else f"{k}={v}" for k, op, v in self.conds) or "never"
+
+
+def _num(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _config_candidates(runs: list[CellCurve]) -> list[ConfigRule]:
+    """Single conditions on each config key (== for every value; <= and >= for numbers) and pairs of them."""
+    single = set()
+    for r in runs:
+        for k, v in r.config:  # the seed is not configuration: a rule on it would name runs, not settings
+            if k == "seed":
+                continue
+            if isinstance(v, str | bool) or _num(v):
+                single.add((k, "==", v))
+                if _num(v):
+                    single |= {(k, ">=", v), (k, "<=", v)}
+    single = sorted(single, key=str)
+    pairs = [(a, b) for i, a in enumerate(single) for b in single[i + 1:] if a[0] != b[0]]
+    return [ConfigRule((c,)) for c in single] + [ConfigRule(p) for p in pairs]
+
+
+Alarm = Callable[[CellCurve], "int | None"]
+
+
+def score_alarm(alarm: Alarm, runs: list[CellCurve]) -> Score:
+    det, fa, leads = 0, 0, []
+    for r in runs:
+        s = alarm(r)
+        if r.curve.collapse_step is None:
+            fa += s is not None
+        elif s is not None:
+            det += 1
+            leads.append(r.curve.collapse_step - s)
+    return Score(det, sum(r.curve.collapse_step is not None for r in runs), fa,
+                 sum(r.curve.collapse_step is None for r in runs), tuple(leads))
+
+
+def signal_alarm(rule: Rule) -> Alarm:
+    return lambda r: first_alarm(r.curve, rule)
+
+
+def config_alarm(rule: ConfigRule) -> Alarm:
+    return lambda r: 1 if rule.holds(dict(r.config)) else None
+
+
+def reward_alarm(r: CellCurve) -> int | None:
+    return reward_drop_alarm(r.curve)
+
+
+def _rate(k: int, n: int) -> float:
+    return k / n if n else 0.0
+
+
+def best_config_rule(runs: list[CellCurve]) -> tuple[ConfigRule, Alarm] | None:
+    """The config-only rule with the best Youden J on `runs` (ties: the first in candidate order)."""
+    best = None
+    for rule in _config_candidates(runs):
+        sc = score_alarm(config_alarm(rule), runs)
+        if best is None or sc.j > best[0]:
+            best = (sc.j, rule)
+    return None if best is None else (best[1], config_alarm(best[1]))
+
+
+@dataclass(frozen=True)
+class AlarmTable:
+    """Every threshold rule on one signal at once: `steps[k, i]` is the first alarm of `rules[k]` on run i (-1:
+    none), computed like first_alarm (a crossing from the safe side; a value beyond at the run's first RL step is
+    no alarm); `cells[k]`: the cells whose logged values include the threshold (a fold may only pick thresholds
+    seen in its own cells)."""
+
+    rules: list[Rule]
+    steps: np.ndarray  # (R, runs) int
+    cells: list[frozenset[str]]
+
+
+def alarm_table(signal: str, runs: list[CellCurve]) -> AlarmTable:
+    where: dict[float, set[str]] = {}
+    series = []
+    for r in runs:
+        ser = r.curve.series(signal)
+        first_row = next((row["step"] for row in r.curve.rows if row["step"] >= 1), None)
+        ser = [(st, v) for st, v in ser if st >= 1]
+        series.append((ser, bool(ser) and ser[0][0] != first_row))
+        for _, v in ser:
+            where.setdefault(v, set()).add(r.cell)
+    thr = np.array(sorted(where))  # (M,)
+    rules, cells = [], []
+    for op in (">", "<"):
+        rules += [Rule(signal, op, float(t)) for t in thr]
+        cells += [frozenset(where[float(t)]) for t in thr]
+    steps = np.full((2 * len(thr), len(runs)), -1, dtype=np.int64)
+    for i, (ser, first_may_fire) in enumerate(series):
+        if not ser:
+            continue
+        st = np.array([x for x, _ in ser])
+        v = np.array([y for _, y in ser])  # (n,)
+        for o, beyond in enumerate((v[None, :] > thr[:, None], v[None, :] < thr[:, None])):  # (M, n)
+            prev = np.concatenate([np.full((len(thr), 1), not first_may_fire), beyond[:, :-1]], 1)
+            fire = beyond & ~prev  # a crossing, or a first value beyond when the signal starts late
+            hit = fire.any(1)
+            steps[o * len(thr): (o + 1) * len(thr), i] = np.where(hit, st[fire.argmax(1)], -1)
+    return AlarmTable(rules, steps, cells)
+
+
+def _choose_from_table(tab: AlarmTable, runs: list[CellCurve], fit: np.ndarray, max_fa: float):
+    """The rule with the most detections on the `fit` runs at a false-alarm rate <= max_fa, among thresholds seen in
+    fit cells (ties: longer median lead, then the lower index); None if none qualifies."""
+    col = np.array([r.curve.collapse_step if r.curve.collapse_step is not None else -1 for r in runs])
+    fit_cells = {r.cell for r, f in zip(runs, fit) if f}
+    ok_thr = np.array([bool(c & fit_cells) for c in tab.cells])
+    fired = tab.steps >= 0  # (R, runs)
+    is_col, is_stable = (col >= 0) & fit, (col < 0) & fit
+    det = (fired & is_col).sum(1)
+    fa = (fired & is_stable).sum(1)
+    fa_rate = fa / max(1, is_stable.sum())
+    best = None
+    for k in np.flatnonzero(ok_thr & (fa_rate <= max_fa + 1e-12)):
+        leads = (col - tab.steps[k])[fired[k] & is_col]
+        key = (int(det[k]), float(np.median(leads)) if len(leads) else -math.inf)
+        if best is None or key > best[0]:
+            best = (key, k)
+    if best is None:
+        return None
+    k = best[1]
+    idx = {id(r): i for i, r in enumerate(runs)}
+    return tab.rules[k], (lambda r, k=k: (None if (s := int(tab.steps[k, idx[id(r)]])) < 0 else s))
+
+
+@dataclass(frozen=True)
+class FairRow:
+    name: str  # a signal, or "reward baseline" / "config baseline"
+    held: Score  # leave-one-cell-out: every cell scored by the rule chosen on the other cells
+    within: Score  # the same alarms, on the cells whose seeds both collapsed and did not
+    rules: tuple[str, ...]  # the distinct rules chosen across folds
+    warning: bool | None  # beats the reward baseline at equal false alarms (None: a baseline)
+
+
+def mixed_cells(runs: list[CellCurve]) -> set[str]:
+    """Cells with at least one collapsed and one stable seed: where within-cell discrimination can be measured."""
+    kinds: dict[str, set[bool]] = {}
+    for r in runs:
+        kinds.setdefault(r.cell, set()).add(r.curve.collapse_step is not None)
+    return {c for c, k in kinds.items() if len(k) == 2}
+
+
+def leave_cell_out(runs: list[CellCurve], choose_fn) -> tuple[Score, Score, tuple[str, ...]]:
+    """(held-out score over all cells, its part on mixed cells, rules chosen): each cell's runs are scored by the
+    alarm `choose_fn(other cells' runs)` returns (None: it never fires)."""
+    cells = sorted({r.cell for r in runs})
+    mixed = mixed_cells(runs)
+    held: list[tuple[CellCurve, int | None]] = []
+    rules = []
+    for c in cells:
+        fit = [r for r in runs if r.cell != c]
+        got = choose_fn(fit)
+        rules.append("never" if got is None else str(got[0]))
+        held += [(r, None if got is None else got[1](r)) for r in runs if r.cell == c]
+    return (_score_pairs(held), _score_pairs([(r, s) for r, s in held if r.cell in mixed]),
+            tuple(dict.fromkeys(rules)))
+
+
+def _score_pairs(pairs: list[tuple[CellCurve, int | None]]) -> Score:
+    fixed = {id(r): s for r, s in pairs}
+    return score_alarm(lambda r: fixed[id(r)], [r for r, _ in pairs])
+
+
+def judge_fairly(runs: list[CellCurve], signals: list[str] | None = None) -> list[FairRow]:
+    """The reward baseline, the config baseline and every signal, judged leave-one-cell-out. A signal's threshold
+    is chosen, on the other cells, for the most detections at no more false alarms than the reward baseline has on
+    those same cells (equal false alarms); it is called a warning only if on the held-out cells it then raises no more
+    false alarms than the reward baseline and detects more collapses, or as many with a longer median lead."""
+    base_held, base_within, _ = leave_cell_out(runs, lambda fit: ("5-step mean reward < 0.7 x best", reward_alarm))
+    out = [FairRow("reward baseline", base_held, base_within, ("5-step mean reward < 0.7 x best",), None)]
+    cfg_held, cfg_within, cfg_rules = leave_cell_out(
+        runs, best_config_rule)
+    out.append(FairRow("config baseline", cfg_held, cfg_within, cfg_rules, None))
+    for sig in signals or list(SIGNALS):
+        if not any(r.curve.series(sig) for r in runs):
+            continue
+
+        tab = alarm_table(sig, runs)
+
+        def choose_sig(fit, tab=tab):
+            base = score_alarm(reward_alarm, fit)
+            mine = {id(r) for r in fit}
+            return _choose_from_table(tab, runs, np.array([id(r) in mine for r in runs]),
+                                      _rate(base.false_alarms, base.stable))
+
+        held, within, rules = leave_cell_out(runs, choose_sig)
+        lead, base_lead = (-math.inf if x is None else x for x in (held.lead, base_held.lead))
+        beats = held.false_alarms <= base_held.false_alarms and (
+            held.detected > base_held.detected or (held.detected == base_held.detected and lead > base_lead))
+        out.append(FairRow(sig, held, within, rules, beats))
+    return out
+
+
+def fair_markdown(rows: list[FairRow], runs: list[CellCurve]) -> str:
+    cells, mixed = {r.cell for r in runs}, mixed_cells(runs)
+    n_col = sum(r.curve.collapse_step is not None for r in runs)
+    head = (f"{len(runs)} runs in {len(cells)} cells, {n_col} collapsed; every cell scored by the rule chosen on the "
+            f"other cells (leave-one-cell-out); within-cell: the {len(mixed)} cells whose seeds both collapsed and did "
+            "not. A signal's threshold is chosen at no more false alarms than the reward baseline on the same cells; "
+            "it is a warning only if, held out, it raises no more false alarms and detects more collapses (or as many, "
+            "earlier). Lead: "
+            "collapse step - first alarm (the config baseline fires at step 1).\n\n")
+    lines = ["| signal | detected | false alarms | J | median lead (range) | within-cell detected | within-cell "
+             "false alarms | within-cell J | warning? | rules chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h, w = r.held, r.within
+        lead = "–" if h.lead is None else f"{h.lead:g} ({min(h.leads)}..{max(h.leads)})"
+        verdict = "baseline" if r.warning is None else "yes" if r.warning else "no"
+        shown = ", ".join(f"`{x}`" for x in r.rules[:3]) + (f" (+{len(r.rules) - 3} more)" if len(r.rules) > 3 else "")
+        lines.append(f"| {SIGNALS.get(r.name, r.name)} | {h.detected}/{h.collapsed} | {h.false_alarms}/{h.stable} | "
+                     f"{h.j:+.2f} | {lead} | {w.detected}/{w.collapsed} | {w.false_alarms}/{w.stable} | {w.j:+.2f} | "
+                     f"{verdict} | {shown} |")
     return head + "\n".join(lines) + "\n"
