@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from stablerl.engine import Engine
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -72,7 +72,7 @@ def main() -> None:
     model, tok = get_model(args.model, seed=0)
     model.eval()
     ckpt = Path(tempfile.mkdtemp(prefix="stablerl-bench-")) / "model"
-    model.save(ckpt, tokenizer=tok)
+    save_model(model, ckpt, tok)
     gen = torch.Generator().manual_seed(0)
     chars = torch.randint(33, 127, (args.batch, args.prompt_len - 1), generator=gen)
     prompts = ["".join(map(chr, row.tolist())) for row in chars]

@@ -23,7 +23,7 @@ from stablerl.config import Config, save_config, task_reward
 from stablerl.engine import Engine
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 from stablerl.metrics import MetricsWriter
 from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
@@ -170,7 +170,7 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
             progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s{curve}")
     model.eval()
     ckpt = run_dir / "model"
-    model.save(ckpt, tokenizer=tok)
+    save_model(model, ckpt, tok)
     res = held_out(heldout, s.steps)
     seconds = time.perf_counter() - t0
     writer.close()

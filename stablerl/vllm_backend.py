@@ -42,7 +42,9 @@ bytes: collective_rpc's msgpack turns a tensor argument into a nested list.
 
 from __future__ import annotations
 
+import gc
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -51,13 +53,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load, save
 
 from stablerl.decode import route_dtype
-from stablerl.engine import Rollout, backend_model, encode_prompts, sampling_args
+from stablerl.engine import Rollout, Support, backend_model, encode_prompts, sampling_args
 from stablerl.errors import UserError, one_line
 from stablerl.hf import save_model
 from stablerl.model import Transformer
-from stablerl.rollout import Support
 
 TESTED_VLLM = ("0.32.",)  # version prefixes whose CPU weight layouts `_w_sync` was verified against
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -116,8 +118,6 @@ def kv_cache_bytes(cfg, numerics: str, max_num_seqs: int, block: int = 128) -> i
 
 def _w_layout(worker) -> dict:
     """The worker's model as `_w_sync` needs to find it; installs the route hooks (recording off)."""
-    import gc
-
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     model = worker.model_runner.get_model()
@@ -162,8 +162,6 @@ def _w_layout(worker) -> dict:
 def _w_routes(worker, on: bool) -> bytes | None:
     """on=True: clear and start recording; on=False: stop and return, per request seen, its token ids ("s{j}",
     int64 (S,)) and its routes ("r{j}", int32 (M, L, K) with L = the gates in layer order) as safetensors bytes."""
-    from safetensors.torch import save
-
     worker._stablerl_route_on = on
     if on:
         worker._stablerl_routes = {}
@@ -184,9 +182,6 @@ def _w_sync(worker, blob: bytes) -> list[str]:
     (one MoE layer's experts are packed together, so all of a layer's expert tensors must come at once).
     Embeddings, norms, lm_head: copied in place (vocab rows beyond the checkpoint's are padding, left alone); a
     kept-and-packed weight (lm_head) is then repacked."""
-    import re
-
-    from safetensors.torch import load
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
@@ -424,8 +419,6 @@ class VLLMBackend:
             self._checked_against_trainer = True
 
     def _sync(self, model: Transformer, gather) -> None:
-        from safetensors.torch import save
-
         with gather(model):
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
         if self.config.tie_word_embeddings:
@@ -505,7 +498,6 @@ class VLLMBackend:
         prefix cache bypassed so every position is computed. The hook splits each step's tokens by request with
         the runner's batch layout; a request's routes are matched back by its token ids (equal sequences have
         equal routes, so which copy goes where does not matter)."""
-        from safetensors.torch import load
         from vllm import SamplingParams
 
         cfg = self.config
