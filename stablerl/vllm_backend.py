@@ -34,8 +34,8 @@ How each part of the Rollout contract is met:
 - sleep / wake: a no-op on CPU in vLLM 0.32.0 (the worker logs "sleep mode is not supported on CPU"), so not used.
 
 The functions named `_w_*` run inside vLLM's worker process (`llm.collective_rpc(fn, args)` calls fn(worker, *args);
-the callable is pickled, which vLLM allows only with VLLM_ALLOW_INSECURE_SERIALIZATION=1: `insecure_serialization`
-sets it, see there). They keep their state (the route hook's
+the callable is pickled, which vLLM allows only with VLLM_ALLOW_INSECURE_SERIALIZATION=1: the backend sets it from
+construction to close(), see `insecure_serialization`). They keep their state (the route hook's
 buffers) on the worker object, which is the only per-process object vLLM hands them. Tensors travel as safetensors
 bytes: collective_rpc's msgpack turns a tensor argument into a nested list.
 """
@@ -48,7 +48,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -82,26 +82,36 @@ PROBE_TOL = {"self": 1e-6, "trainer_fp32": 1e-4}  # |Δ log-prob| on the probe: 
 INSECURE = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 
 
+_HOLDERS: list = [0, None]  # [open scopes, the user's value before the first]
+
+
 @contextmanager
 def insecure_serialization() -> Iterator[None]:
-    """VLLM_ALLOW_INSECURE_SERIALIZATION=1 in this process's environment for the duration, then as it was.
+    """VLLM_ALLOW_INSECURE_SERIALIZATION=1 in this process's environment while any such scope is open (a count, so
+    backends may close in any order), then the user's value again (or none).
 
-    Why: collective_rpc sends a Python function (`_w_*`) to the worker and gets dicts/bytes back; vLLM's msgpack
-    refuses both unless the variable is set, on both sides: in the engine and worker processes, which read it
-    (and cache vLLM's env) when they start, so it must be set while `vllm.LLM(...)` spawns them (they keep it for
-    their life: they are this backend's own processes, talking to it over local IPC sockets); and in this
-    process while it encodes the call and decodes the reply, i.e. around each collective_rpc. Outside those spans
-    this process's environment is left as the user had it, so a user's own vLLM engine in the same process does
-    not silently get pickle fallback."""
-    before = os.environ.get(INSECURE)
-    os.environ[INSECURE] = "1"
+    Why, and why a backend holds it from construction to close(): collective_rpc sends a Python function (`_w_*`)
+    to the worker, which vLLM's msgpack pickles only with the variable set. The engine and worker processes read it
+    (and freeze vLLM's env) when they start, so it must be set while `vllm.LLM(...)` spawns them; and once it is on
+    there, the engine pickles the result of every utility call (reset_prefix_cache too, not only collective_rpc),
+    which this process's decoder accepts only with the variable set: without it the decoding thread dies and the
+    call waits forever (seen with the variable scoped to the collective_rpc calls alone). So this process needs it
+    as long as it talks to those engine processes, i.e. the backend's life, and not after: a user's own vLLM engine
+    started after close() does not silently get pickle fallback. The channel is the backend's own local IPC
+    sockets to processes it started."""
+    if _HOLDERS[0] == 0:
+        _HOLDERS[1] = os.environ.get(INSECURE)
+        os.environ[INSECURE] = "1"
+    _HOLDERS[0] += 1
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(INSECURE, None)
-        else:
-            os.environ[INSECURE] = before
+        _HOLDERS[0] -= 1
+        if _HOLDERS[0] == 0:
+            if _HOLDERS[1] is None:
+                os.environ.pop(INSECURE, None)
+            else:
+                os.environ[INSECURE] = _HOLDERS[1]
 
 
 def kv_cache_bytes(cfg, numerics: str, max_num_seqs: int, block: int = 128) -> int:
@@ -324,11 +334,16 @@ class VLLMBackend:
         if not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(llm_kwargs)
                 or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):  # the user's sizing wins
             llm_kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model.config, numerics, max_num_seqs)
-        with insecure_serialization():  # the engine processes inherit it (see insecure_serialization)
+        self._env = ExitStack()  # VLLM_ALLOW_INSECURE_SERIALIZATION=1 until close() (see insecure_serialization)
+        self._env.enter_context(insecure_serialization())
+        try:
             self.llm = vllm.LLM(model=str(self.workdir / "model"), dtype=DTYPES[numerics], enforce_eager=True,
                                 logprobs_mode="processed_logprobs", max_model_len=self.context_length,
                                 generation_config="vllm", max_num_seqs=max_num_seqs, seed=0,
                                 enable_chunked_prefill=False, **llm_kwargs)
+        except BaseException:
+            self._env.close()
+            raise
         self._checked_against_trainer = False
         try:
             self._check_layout(self._rpc(_w_layout)[0])
@@ -346,8 +361,7 @@ class VLLMBackend:
 
     def _rpc(self, fn: Callable, *args) -> list:
         """fn(worker, *args) in vLLM's worker: one result per worker (one here)."""
-        with insecure_serialization():
-            return self.llm.collective_rpc(fn, args=args)
+        return self.llm.collective_rpc(fn, args=args)
 
     # ---- construction checks --------------------------------------------------------------------------------
 
@@ -533,6 +547,9 @@ class VLLMBackend:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        if getattr(self, "_env", None) is not None:
+            self._env.close()  # the user's VLLM_ALLOW_INSECURE_SERIALIZATION again (once no backend is open)
+            self._env = None
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

