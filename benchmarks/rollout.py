@@ -1,6 +1,6 @@
 """Rollout throughput: the stablerl engine vs `transformers` `generate` on the same weights (DESIGN §3).
 
-The same tiny MoE (random init, seed 0) is saved with `Transformer.save` and loaded by
+The same tiny MoE (random init, seed 0) is saved with `stablerl.hf.save_model` and loaded by
 `Qwen3MoeForCausalLM.from_pretrained`; both sample B prompts x T new tokens at temperature 1 with no truncation
 and no early stop (HF: min_new_tokens = max_new_tokens; engine: ignore_eos), in one process, one after the other,
 with the same thread count. HF is measured with the experts implementation `from_pretrained` picks by default
