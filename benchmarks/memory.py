@@ -25,6 +25,7 @@ CHILD = r"""
 import json, resource, sys, tempfile, time
 from pathlib import Path
 from stablerl.config import load_config
+from stablerl.hf import save_model
 from stablerl.model import ModelConfig, build_model
 from stablerl.trainer import train
 from memory import filler_tokenizer
@@ -36,7 +37,7 @@ cfg = ModelConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attenti
                   max_position_embeddings=512)
 model = build_model(cfg, seed=0)
 with tempfile.TemporaryDirectory() as tmp:
-    model.save(Path(tmp) / "m", tokenizer=filler_tokenizer(V))
+    save_model(model, Path(tmp) / "m", filler_tokenizer(V))
     del model
     run = load_config(None, [f"out_dir={tmp}", "name=mem", f"init={tmp}/m", f"train.steps={steps}",
                              f"train.batch_prompts={B}", f"train.group_size={G}", f"engine.max_new_tokens={T}",

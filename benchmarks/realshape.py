@@ -23,13 +23,14 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from stablerl.config import load_config
+from stablerl.hf import save_model
 stage, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 t0 = time.perf_counter()
 if stage == "build":  # random weights of the preset's shape, with a tokenizer that covers its whole vocabulary
     from memory import filler_tokenizer
     from stablerl.model import PRESETS, build_model
     model = build_model(PRESETS[overrides[0]], seed=0)
-    model.save(overrides[1], tokenizer=filler_tokenizer(model.config.vocab_size))
+    save_model(model, overrides[1], filler_tokenizer(model.config.vocab_size))
     json.dump({"stage": stage, "seconds": time.perf_counter() - t0, "metrics": [],
                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, open(out, "w"))
     sys.exit()

@@ -1,6 +1,6 @@
 """Rollout throughput: the stablerl engine vs `transformers` `generate` on the same weights (DESIGN §3).
 
-The same tiny MoE (random init, seed 0) is saved with `Transformer.save` and loaded by
+The same tiny MoE (random init, seed 0) is saved with `stablerl.hf.save_model` and loaded by
 `Qwen3MoeForCausalLM.from_pretrained`; both sample B prompts x T new tokens at temperature 1 with no truncation
 and no early stop (HF: min_new_tokens = max_new_tokens; engine: ignore_eos), in one process, one after the other,
 with the same thread count. HF is measured with the experts implementation `from_pretrained` picks by default
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from stablerl.engine import Engine
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -72,7 +72,7 @@ def main() -> None:
     model, tok = get_model(args.model, seed=0)
     model.eval()
     ckpt = Path(tempfile.mkdtemp(prefix="stablerl-bench-")) / "model"
-    model.save(ckpt, tokenizer=tok)
+    save_model(model, ckpt, tok)
     gen = torch.Generator().manual_seed(0)
     chars = torch.randint(33, 127, (args.batch, args.prompt_len - 1), generator=gen)
     prompts = ["".join(map(chr, row.tolist())) for row in chars]

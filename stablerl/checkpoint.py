@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stablerl.errors import UserError, describe_os_error, one_line
+from stablerl.hf import save_model
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "optimizer.safetensors"
@@ -74,7 +75,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, extra
     tmp = root / f".step_{step:06d}.partial"  # hidden from list_checkpoints; a crash's leftover is replaced
     try:
         root.mkdir(parents=True, exist_ok=True)
-        model.save(tmp, tokenizer=tokenizer)  # the checkpoint dir itself is an HF model dir (written atomically)
+        save_model(model, tmp, tokenizer)  # the checkpoint dir itself is an HF model dir (written atomically)
         if sharded_optimizer is not None:
             os.replace(sharded_optimizer, tmp / OPTIM_DCP)
             meta = None

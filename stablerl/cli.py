@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from stablerl.errors import UserError, describe_os_error, one_line
 
@@ -30,6 +31,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def command_parser(name: str) -> tuple[ModuleType, argparse.ArgumentParser]:
+    """The module of subcommand `name` and its argument parser (with the shared --debug)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    p = argparse.ArgumentParser(prog=f"stablerl {name}", description=COMMANDS[name][1])
+    module.add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    return module, p
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stablerl", description="Stable RL for dense and MoE language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,11 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    p = argparse.ArgumentParser(prog=f"stablerl {name}", description=COMMANDS[name][1])
-    module.add_arguments(p)
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    args = p.parse_args(argv[1:])
+    module, p = command_parser(name)
+    # intermixed: flags may come anywhere among the KEY=VALUE overrides (`train a=1 --no-progress b=2`), as users
+    # type them; plain parse_args stops the positional list at the first flag and refuses what follows
+    args = p.parse_intermixed_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

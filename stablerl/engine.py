@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -103,6 +104,42 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(1)  # (N,)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a backend does, in words a user reads (`stablerl info`, docs/engine.md's table)."""
+
+    numerics: tuple[str, ...]  # the engine.numerics values it accepts
+    routes: str  # how routes_infer / prompt_routes are obtained
+    truncation: str  # top-k / top-p / temperature 0: how its μ lines up with stablerl.sampling
+    weight_sync: str  # what sync(model) does
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """The contract the trainer, eval and `stablerl generate` rely on. Sampling arguments left None take the
+    backend's defaults (the EngineConfig it was built from); `seed` is an int or a torch.Generator to draw from."""
+
+    name: str
+    support: Support
+    numerics: str
+    tokenizer: object  # stablerl.tokenizer.TextTokenizer: encode_prompt, decode, eos_ids, pad_id
+
+    def generate(self, prompts: list[str], n: int = 1, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, max_new_tokens: int | None = None, stop: tuple[str, ...] | None = None,
+                 seed: int | torch.Generator = 0, ignore_eos: bool = False, return_routes: bool = True) -> Rollout:
+        ...
+
+    def sync(self, model: Transformer, gather: Callable[[nn.Module], AbstractContextManager] = nullcontext) -> None:
+        ...
+
+    def problem(self, ids: list[int]) -> str | None:
+        """Why this backend cannot answer a prompt of these ids (empty, no room in the context), or None."""
+        ...
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        ...
 
 
 class Engine:

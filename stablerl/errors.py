@@ -8,7 +8,9 @@ one line naming the file and what to do, with exit code 2. Tracebacks are for `-
 from __future__ import annotations
 
 import errno
+import json
 import re
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -45,3 +47,22 @@ def describe_os_error(e: Exception, doing: str | None = None, path: object = Non
     hint = _OS_HINTS.get(code or -1)
     return one_line(f"{path if path is not None else '?'}: " + (f"{doing} ({what})" if doing else what)
                     + (f"; {hint}" if hint else ""))
+
+
+def read_json(path: Path, missing_ok: bool = False) -> dict:
+    """A JSON object file of a checkpoint ({} for an absent one when `missing_ok`); UserError naming file:line for a
+    missing, unreadable or invalid one."""
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(describe_os_error(e, "cannot read", path)) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the file is corrupt: fix "
+                        "it, restore it or re-save the checkpoint") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({one_line(e)}); restore or re-save the checkpoint") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -17,8 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stablerl.errors import UserError, describe_os_error, one_line
+from stablerl.errors import UserError, describe_os_error, one_line, read_json
 from stablerl.model import PRESETS, ModelConfig, Transformer, build_model, rope_inv_freq
+from stablerl.tokenizer import TextTokenizer
 
 
 def save_model(model: Transformer, directory: str | Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> None:
@@ -101,25 +102,6 @@ REQUIRED_KEYS = {"qwen3_moe": (*_CORE, "moe_intermediate_size", "num_experts_per
                  "qwen3": (*_CORE, "intermediate_size"), "llama": (*_CORE, "intermediate_size")}
 
 
-def read_json(path: Path, missing_ok: bool = False) -> dict:
-    """A JSON object file of a checkpoint ({} for an absent one when `missing_ok`); UserError naming file:line for a
-    missing, unreadable or invalid one."""
-    if missing_ok and not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(describe_os_error(e, "cannot read", path)) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the file is corrupt: fix "
-                        "it, restore it or re-save the checkpoint") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({one_line(e)}); restore or re-save the checkpoint") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def read_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     if not path.exists():
@@ -188,8 +170,6 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Tra
 
 def get_model(name: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a preset name, a checkpoint directory or a hub id."""
-    from stablerl.tokenizer import TextTokenizer
-
     if str(name) in PRESETS:
         model = build_model(PRESETS[str(name)], seed).to(dtype)
         return model, TextTokenizer.char()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -345,12 +344,6 @@ class Transformer(nn.Module):
             per_expert = sum(p.numel() for p in self.model.layers[c.moe_layers[0]].mlp.experts[0].parameters())
             n -= len(c.moe_layers) * (c.num_experts - c.num_experts_per_tok) * per_expert
         return n
-
-    def save(self, directory: str | Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> None:
-        """Write an HF checkpoint directory (config.json, safetensors, tokenizer) atomically (stablerl.hf)."""
-        from stablerl.hf import save_model
-
-        save_model(self, directory, tokenizer, max_shard_bytes)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -1,71 +1,35 @@
 """Rollout backends: who samples μ_θold for the trainer, eval and `stablerl generate` (docs/engine.md, "Backends").
 
 A backend turns prompts into a `stablerl.engine.Rollout` (log μ of every sampled token under the distribution
-actually sampled from, the experts it ran for R3) and takes the trainer's weights after each update (`sync`).
+actually sampled from, the experts it ran for R3) and takes the trainer's weights after each update (`sync`); that
+contract (`RolloutBackend`, `Support`) is defined beside `Rollout` in stablerl.engine and re-exported here.
 `make_backend(cfg, model, tokenizer)` builds the one `engine.backend` names:
 
 - `native`: stablerl's own engine (`stablerl.engine.Engine`, unchanged: `NativeBackend` only names it). The
   reference: every numerics policy of the dial, routes recorded while decoding, truncation computed by the same
   `stablerl.sampling` code the trainer scores with.
-- `vllm`: vLLM (`stablerl.vllm_backend`, imported only when asked for), with processed log-probs and a router hook
-  for routes; it refuses every setting under which its μ would not be the trainer's sampling distribution.
+- `vllm`: vLLM (`stablerl.vllm_backend`; vLLM itself is imported only when one is built), with processed
+  log-probs and a router hook for routes; it refuses every setting under which its μ would not be the trainer's
+  sampling distribution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-import torch
 import torch.nn as nn
 
 from stablerl.decode import NUMERICS
-from stablerl.engine import Engine, Rollout
+from stablerl.engine import Engine, RolloutBackend, Support
 from stablerl.errors import UserError
 from stablerl.model import Transformer
+from stablerl.vllm_backend import VLLMBackend  # imports no vLLM itself: that happens when one is built
 
 __all__ = ["BACKENDS", "NativeBackend", "RolloutBackend", "Support", "make_backend"]
 
 BACKENDS = ("native", "vllm")
-
-
-@dataclass(frozen=True)
-class Support:
-    """What a backend does, in words a user reads (`stablerl info`, docs/engine.md's table)."""
-
-    numerics: tuple[str, ...]  # the engine.numerics values it accepts
-    routes: str  # how routes_infer / prompt_routes are obtained
-    truncation: str  # top-k / top-p / temperature 0: how its μ lines up with stablerl.sampling
-    weight_sync: str  # what sync(model) does
-
-
-@runtime_checkable
-class RolloutBackend(Protocol):
-    """The contract the trainer, eval and `stablerl generate` rely on. Sampling arguments left None take the
-    backend's defaults (the EngineConfig it was built from); `seed` is an int or a torch.Generator to draw from."""
-
-    name: str
-    support: Support
-    numerics: str
-    tokenizer: object  # stablerl.tokenizer.TextTokenizer: encode_prompt, decode, eos_ids, pad_id
-
-    def generate(self, prompts: list[str], n: int = 1, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, max_new_tokens: int | None = None, stop: tuple[str, ...] | None = None,
-                 seed: int | torch.Generator = 0, ignore_eos: bool = False, return_routes: bool = True) -> Rollout:
-        ...
-
-    def sync(self, model: Transformer, gather: Callable[[nn.Module], AbstractContextManager] = nullcontext) -> None:
-        ...
-
-    def problem(self, ids: list[int]) -> str | None:
-        """Why this backend cannot answer a prompt of these ids (empty, no room in the context), or None."""
-        ...
-
-    def encode(self, prompts: list[str]) -> list[list[int]]:
-        ...
 
 
 class NativeBackend(Engine):
@@ -105,7 +69,5 @@ def make_backend(cfg, model: Transformer | str | Path, tokenizer=None, numerics:
         if weight_bits:
             raise UserError("engine.weight_bits: the vLLM backend does not take it (set engine.backend=native, or "
                             "serve a quantised checkpoint with vLLM's own quantization)")
-        from stablerl.vllm_backend import VLLMBackend  # vllm itself is imported inside, only once it is needed
-
         return VLLMBackend(model, tokenizer, numerics=numerics, gather=gather, **sampling, **options)
     raise UserError(f"engine.backend: got {e.backend!r}, expected one of {', '.join(map(repr, BACKENDS))}")

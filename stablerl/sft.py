@@ -23,10 +23,11 @@ from stablerl.config import Config, save_config, task_reward
 from stablerl.engine import Engine
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 from stablerl.metrics import MetricsWriter
 from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
+from stablerl.progress import log_lines
 from stablerl.sequences import Packed, pack, policy_logprobs, select
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
@@ -134,6 +135,7 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
     t0, tokens, loss_ema, curve = time.perf_counter(), 0, None, ""
     progress = Progress(TextColumn("sft"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not show_progress)
+    log_lines(progress)  # a plain line every ~30 s where the bar cannot draw (a log file)
     with progress:
         bar = progress.add_task("sft", total=s.steps, info="")
         for step in range(s.steps):
@@ -168,7 +170,7 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
             progress.update(bar, advance=1, info=f"loss {loss_ema:.3f}  {tps:,.0f} tok/s{curve}")
     model.eval()
     ckpt = run_dir / "model"
-    model.save(ckpt, tokenizer=tok)
+    save_model(model, ckpt, tok)
     res = held_out(heldout, s.steps)
     seconds = time.perf_counter() - t0
     writer.close()

@@ -24,8 +24,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from stablerl.errors import UserError, one_line
-from stablerl.hf import read_json
+from stablerl.errors import UserError, one_line, read_json
 
 if TYPE_CHECKING:
     from stablerl.config import TaskConfig

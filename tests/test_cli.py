@@ -96,3 +96,25 @@ def test_quickstart_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert main(["quickstart", "--no-progress", *tiny]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "reusing" in out and "the cold start scores 0.6% held-out, below 5%: its SFT may not have taken" in out
+
+
+# ---- flags anywhere among the overrides (issue 30, item 3) ------------------------------------------------------
+
+
+def test_flags_between_overrides_are_accepted(capsys):
+    # `stablerl config a=1 --debug b=2`: refused before ("unrecognized arguments: b=2"), both overrides apply now
+    assert main(["config", "name=w2", "train.steps=1", "--debug", "train.batch_prompts=2"]) == 0
+    out = capsys.readouterr().out
+    assert "name: w2" in out and "steps: 1" in out and "batch_prompts: 2" in out
+
+
+@pytest.mark.parametrize("name, first, flag", [
+    ("config", [], ["--config", "x.yaml"]), ("train", [], ["--no-progress"]), ("sft", [], ["--name", "n"]),
+    ("quickstart", [], ["--no-progress"]), ("study", ["s.yaml"], ["--dry-run"]), ("reproduce", [], ["--full"]),
+])
+def test_every_command_with_overrides_takes_flags_anywhere(name, first, flag):
+    from stablerl.cli import command_parser
+
+    _, p = command_parser(name)
+    for argv in ([*first, "a=1", *flag, "b=2"], [*first, *flag, "a=1", "b=2"], [*first, "a=1", "b=2", *flag]):
+        assert p.parse_intermixed_args(argv).overrides == ["a=1", "b=2"], argv

@@ -17,7 +17,7 @@ import torch
 
 from stablerl.checkpoint import CheckpointError, list_checkpoints, load_trainer_state
 from stablerl.config import load_config
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 from stablerl.metrics import read_metrics
 from stablerl.trainer import train
 
@@ -175,7 +175,7 @@ class _RunsCode:
 def test_a_pickle_that_would_run_code_is_never_run(tmp_path):
     model, tok = get_model("tiny-moe")
     ck = tmp_path / "evil" / "checkpoints" / "step_000001"
-    model.save(ck, tokenizer=tok)
+    save_model(model, ck, tok)
     # the fixture is real: an unrestricted unpickler runs it
     armed = tmp_path / "armed"
     torch.save({"step": 1, "optimizer": _RunsCode(armed)}, tmp_path / "armed.pt")
@@ -265,7 +265,7 @@ def test_resume_refuses_a_changed_config_before_touching_the_run_directory(tmp_p
 
 def _saved_model(tmp_path) -> Path:
     model, tok = get_model("tiny-moe")
-    model.save(tmp_path / "m", tokenizer=tok)
+    save_model(model, tmp_path / "m", tok)
     return tmp_path / "m"
 
 

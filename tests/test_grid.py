@@ -88,6 +88,11 @@ def test_expand_gives_one_checked_run_per_cell_and_seed(tmp_path):
     (STUDY.replace("  offpolicy:\n", "  offpolicy:\n    init: long\n"), ":12:", "'long' is not a cold start"),
     (STUDY.replace("  offpolicy:", "  on:"), ":11:", "YAML reads unquoted on/off"),
     (STUDY.replace("findings:", "collapse: {frac: 2}\nfindings:"), ":16:", "collapse.frac"),
+    # sft.* outside cold_starts: the RL runs do no SFT and cold starts take only their own lists (issue 30, item 2)
+    (STUDY.replace("[train.steps=4]", "[train.steps=4, sft.steps=4]"), ":2:", "overrides.1: 'sft.steps' would be "
+     "ignored: the RL runs do no SFT, and cold starts take only their own lists; put it under cold_starts"),
+    (STUDY.replace("[train.lr=1e-4]", "[sft.lr=1e-4]"), ":9:", "cells.warm.overrides.0: 'sft.lr' would be ignored"),
+    (STUDY.replace("N2: [train.n_minibatches=2]", "N2: [sft.steps=2]"), ":13:", "axes.N.N2.0: 'sft.steps' would be"),
 ])
 def test_study_errors_name_file_line_and_key(tmp_path, text, where, what):
     with pytest.raises(ConfigError) as e:

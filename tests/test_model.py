@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from stablerl.hf import get_model, load_model
+from stablerl.hf import get_model, load_model, save_model
 from stablerl.model import PRESETS, Transformer, build_model
 
 transformers = pytest.importorskip("transformers")
@@ -61,14 +61,14 @@ def test_hf_parity_both_directions(kind, tmp_path):
         scale = ref.abs().max()
         assert (out.logits - ref).abs().max() / scale < 1e-5
         # and back: stablerl saves, transformers loads, same logits
-        ours.save(tmp_path / "ours")
+        save_model(ours, tmp_path / "ours")
         back = type(hf).from_pretrained(tmp_path / "ours").eval()
         assert (back(ids).logits - ref).abs().max() / scale < 1e-5
 
 
 def test_save_load_roundtrip_sharded(tmp_path):
     model, tok = get_model("tiny-moe", seed=3)
-    model.save(tmp_path / "ckpt", tokenizer=tok, max_shard_bytes=1 << 20)
+    save_model(model, tmp_path / "ckpt", tok, max_shard_bytes=1 << 20)
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     again, tok2 = get_model(tmp_path / "ckpt")

@@ -3,6 +3,7 @@ backend against the trainer's fp32 forward (marked `vllm`; skipped where vLLM do
 
 import dataclasses
 import json
+import os
 import sys
 
 import pytest
@@ -315,3 +316,50 @@ def test_vllm_dense_model_logprobs_and_sync():
             assert d.abs().max() <= 1e-4
     finally:
         b.close()
+
+
+def test_vllm_serialization_switch_is_scoped_and_counted(monkeypatch):
+    """Issue 30 item 1: the backend sets what vLLM's collective_rpc needs itself, and only while it needs it."""
+    from stablerl.vllm_backend import INSECURE, insecure_serialization, kv_cache_bytes
+
+    monkeypatch.delenv(INSECURE, raising=False)
+    with insecure_serialization():
+        assert os.environ[INSECURE] == "1"
+    assert INSECURE not in os.environ
+    # two backends closed in either order: on until the last one closes
+    a, b = insecure_serialization(), insecure_serialization()
+    a.__enter__(), b.__enter__()
+    a.__exit__(None, None, None)
+    assert os.environ[INSECURE] == "1"
+    b.__exit__(None, None, None)
+    assert INSECURE not in os.environ
+    monkeypatch.setenv(INSECURE, "0")  # a user's own value comes back afterwards
+    with pytest.raises(RuntimeError), insecure_serialization():
+        assert os.environ[INSECURE] == "1"
+        raise RuntimeError
+    assert os.environ[INSECURE] == "0"
+    # the KV cache sized by hand: tiny-moe-like 4 layers x 2 KV heads x 32 dims, K and V, fp32 = 2048 B per token;
+    # 512 positions = 4 blocks of 128; 64 sequences -> 64 MiB; the 64 MiB floor below that
+    cfg = type("C", (), dict(num_hidden_layers=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=500))
+    assert kv_cache_bytes(cfg, "fp32", 64) == 2048 * 512 * 64 == 64 << 20
+    assert kv_cache_bytes(cfg, "fp32", 256) == 256 << 20 and kv_cache_bytes(cfg, "bf16", 256) == 128 << 20
+    assert kv_cache_bytes(cfg, "bf16", 1) == 64 << 20
+
+
+@vllm_only
+def test_vllm_backend_sets_the_serialization_switch_for_its_life_only(moe):
+    """Built with no variable set by hand (engine start, layout check and sync over collective_rpc, prefix-cache
+    resets), it samples; VLLM_ALLOW_INSECURE_SERIALIZATION is on while it lives and as before after close() (unset
+    in a fresh environment; still on here if the module's other backend is open: the count in
+    test_vllm_serialization_switch_is_scoped_and_counted)."""
+    _import_vllm_or_skip()
+    model, tok = moe
+    before = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
+    b = make_backend(EngineConfig(backend="vllm", numerics="fp32"), model, tok, max_num_seqs=8)
+    try:
+        assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+        ro = b.generate(PROMPTS[:1], n=2, max_new_tokens=4, seed=0)  # routes: two more collective_rpc calls
+        assert ro.routes_infer is not None and ro.tokens.shape[0] == 2
+    finally:
+        b.close()
+    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == before

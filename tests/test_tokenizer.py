@@ -15,7 +15,7 @@ from stablerl.cli import main
 from stablerl.config import ConfigError, TaskConfig, load_config
 from stablerl.engine import Engine
 from stablerl.errors import UserError
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 from stablerl.model import ModelConfig, build_model
 from stablerl.tokenizer import TextTokenizer, char_tokenizer, prompt_tokenizer
 
@@ -221,7 +221,7 @@ def test_save_load_roundtrip_keeps_eos_ids_and_template(qwen, tmp_path):
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                       bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
     assert ModelConfig.from_hf(cfg.to_hf()).eos_token_id == [im_end, eot]
-    build_model(cfg, seed=0).save(tmp_path / "ckpt", tokenizer=tok)
+    save_model(build_model(cfg, seed=0), tmp_path / "ckpt", tok)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["eos_token_id"] == [im_end, eot]
     model, again = get_model(tmp_path / "ckpt")
     assert model.config.eos_token_id == [im_end, eot]

@@ -6,7 +6,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from stablerl.hf import get_model
+from stablerl.hf import get_model, save_model
 
 
 def add_arguments(p):
@@ -42,6 +42,6 @@ def run(args) -> int:
         table.add_row(*r)
     Console().print(table)
     if args.save:
-        model.save(args.save, tokenizer=tok)
+        save_model(model, args.save, tok)
         print(f"saved to {args.save}")
     return 0

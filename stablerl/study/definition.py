@@ -166,6 +166,10 @@ class _Reader:
             if key in RESERVED:
                 raise self.err((*keys, i), f"'{key}' is set by the study (seeds, run names, --out, cold starts via "
                                            "init:), not by an override; remove it")
+            if key.startswith("sft.") and keys[0] != "cold_starts":  # RL runs never read sft.*: it would be lost
+                raise self.err((*keys, i), f"'{key}' would be ignored: the RL runs do no SFT, and cold starts take "
+                                           "only their own lists; put it under cold_starts: <name>: [...] (or on the "
+                                           "command line, which reaches the cold starts too)")
         return tuple(value)
 
     def name(self, value, keys: tuple) -> str:
