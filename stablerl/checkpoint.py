@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stablerl.config import Config, marked
 from stablerl.errors import UserError, describe_os_error, one_line
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
@@ -191,13 +192,7 @@ class RunLock:
         return False
 
 
-# Keys a resumed run may change: when to log, evaluate, probe and save, and how long a reward may take. Everything
-# else defines the run (its math, data, model, schedule), and a resumed run that changed it would be a different run.
-RESUMABLE = frozenset({"out_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-                       "train.fidelity_every", "train.fidelity_minibatches",
-                       "train.samples_per_eval", "train.max_bad_steps", "task.reward_timeout",
-                       "train.warn_on", "train.on_warning", "train.cross_step_rows",
-                       "train.dist_timeout"})  # logging and monitoring only
+RESUMABLE = frozenset(marked("resumable"))  # the keys a resumed run may change (config.RESUMABLE)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -217,8 +212,6 @@ def config_changes(saved: dict, new: dict, allowed: frozenset[str] = RESUMABLE,
     `within`, those outside these prefixes). Used by --resume and by the study executor. A key the saved config lacks
     is no change while the new value is its default: the run was made before the key existed, and a new key's
     default keeps the behaviour from before it (so a study can go on over several versions of stablerl)."""
-    from stablerl.config import Config
-
     a, b = flatten(saved), flatten(new)
     defaults = flatten(json.loads(json.dumps(dataclasses.asdict(Config()))))  # tuples as lists, as YAML reads them
     def was(k):

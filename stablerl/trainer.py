@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from stablerl import diagnostics as diag
 from stablerl.algorithm import BatchSize, group_advantages, policy_loss, skips_zero_adv
 from stablerl.checkpoint import RunLock, check_resume_config, list_checkpoints, load_trainer_state, save_checkpoint
-from stablerl.config import Config, check_replay, load_config, save_config, task_reward
+from stablerl.config import Config, check_replay, load_config, loss_hp, lr_at, save_config, task_reward
 from stablerl.distributed import Parallel
 from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
@@ -37,7 +37,6 @@ from stablerl.plots import plot_run_quietly
 from stablerl.rewards import score
 from stablerl.rollout import make_backend
 from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, select
-from stablerl.sft import lr_at
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
 from stablerl.warning import Watch
@@ -288,8 +287,7 @@ class Learner:
         model, par, device, opt = self.model, self.par, self.device, self.opt
         e, a, t = self.cfg.engine, self.cfg.algo, self.cfg.train
         B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
-        hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
-                  is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
+        hp = loss_hp(self.cfg)
         lp_args = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, chunk=t.logit_chunk,
                        checkpoint=t.activation_checkpointing)
         truncated = e.top_p < 1 or e.top_k > 0
@@ -336,8 +334,7 @@ class Learner:
             m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
         # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
         t0 = time.perf_counter()
-        lr = (lr_at(step, t.lr, t.warmup_steps, t.steps) if t.lr_schedule == "cosine"
-              else t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)))  # linear warmup, then constant
+        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         # E9 needs the gradients of whole parameters: FSDP holds shards (docs/scaling.md), so no probe there
