@@ -60,12 +60,17 @@ def _learn(cfg, par: Parallel, rollouts) -> dict:
     opt = make_optimizer(model, cfg.train)
     grads = []
 
-    def record(j: int) -> None:
+    clip = par.grad_norm
+
+    def record_then_clip(params, max_norm):
+        # each mini-batch's gradient once complete (reduced over the ranks), before clipping: the trainer's own call
         g = {n: None if p.grad is None else p.grad for n, p in model.named_parameters()}
         grads.append({n: None if v is None else (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
                       for n, v in g.items()})
+        return clip(params, max_norm)
 
-    learner = Learner(cfg, model, forward, opt, tok.pad_id, torch.device("cpu"), par, after_backward=record)
+    par.grad_norm = record_then_clip
+    learner = Learner(cfg, model, forward, opt, tok.pad_id, torch.device("cpu"), par)
     metrics = []
     for step, ro in enumerate(rollouts):
         adv = group_advantages(REWARDS, cfg.algo.adv_mode).flatten()
