@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from stablerl import diagnostics as diag
 from stablerl.algorithm import BatchSize, group_advantages, policy_loss, skips_zero_adv
 from stablerl.checkpoint import RunLock, check_resume_config, list_checkpoints, load_trainer_state, save_checkpoint
-from stablerl.config import Config, check_replay, load_config, loss_hp, lr_at, save_config, task_reward
+from stablerl.config import Config, TrainConfig, check_replay, load_config, loss_hp, lr_at, save_config, task_reward
 from stablerl.distributed import Parallel
 from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
@@ -137,12 +137,11 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     B, G = t.batch_prompts, t.group_size
     sampling = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
     learner = Learner(cfg, model, forward, opt, tok.pad_id, device, par)
-    bad_in_row = state.get("bad_in_row", 0)
-    watch = Watch.of(t.warn_on)
+    monitor = Monitor(t, Watch.of(t.warn_on), state.get("bad_in_row", 0))
     if ckpt is not None and t.warn_on:  # resumed: each rule continues from the side its signal was on, not anew
         for row in par.broadcast(read_metrics(metrics_path) if par.main else None):
             if 1 <= row.get("step", 0) <= start:
-                watch.check(row)
+                monitor.watch.check(row)
     done = start
     t_start = time.perf_counter()
 
@@ -193,18 +192,16 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             m |= diag.reward_stats(rewards, ro.mask.sum(1), torch.tensor([r == "length" for r in ro.finish_reason]))
             m |= {"reward/errors": scored.n_errors, "reward/timeouts": scored.n_timeouts}
             # ---- θ_old, then the N mini-batch updates (E3, E7, E8) ------------------------------------------
-            learned, attempted, skipped = learner.step(step, ro, adv, timing)
-            lr = learned.pop("train/lr")
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.lr_schedule)
+            learned, attempted, skipped = learner.step(step, ro, adv, lr, timing)
             m |= learned
-            if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
-                bad_in_row = bad_in_row + 1 if skipped == attempted else 0
-            if bad_in_row >= t.max_bad_steps:
+            if abort := monitor.updated(step + 1, attempted, skipped):
                 log(step + 1, m)  # the step's row, numbered like every other step's
                 if writer is not None:
                     writer.close()
                     plot_run_quietly(run_dir, console.print)  # the curves up to the abort: what a user looks at first
-                raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient (last at step "
-                                f"{step + 1}); lower train.lr or check the data (metrics in {metrics_path})")
+                    write_status(run_dir, "aborted", step + 1, abort)
+                raise UserError(f"aborting: {abort}; lower train.lr or check the data (metrics in {metrics_path})")
             # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
             t0 = time.perf_counter()
             engine.sync(model, par.gather)
@@ -216,16 +213,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 m |= run_eval(done)
             m = par.broadcast(m)  # rank 0's row (its timings, its eval): every rank then takes the same decisions
-            fired = watch.check(m)
-            for rule in fired:  # early warning (stablerl.warning): printed, logged, acted on
-                m[f"warn/{rule.signal}"] = m[rule.signal]
-                console.print(f"[yellow]warning at step {done}: {rule.signal} = {m[rule.signal]:.4g} "
-                              f"({rule}); train.on_warning={t.on_warning}[/yellow]")
-            stop = bool(fired) and t.on_warning == "stop"
+            checkpoint, stop = monitor.warn(done, m, console.print)
             log(done, m)
-            if ((t.save_every and done % t.save_every == 0) or done == t.steps
-                    or (fired and t.on_warning in ("checkpoint", "stop"))):
-                save(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints, par)
+            if (t.save_every and done % t.save_every == 0) or done == t.steps or checkpoint:
+                save(run_dir, done, model, tok, opt, {"bad_in_row": monitor.bad_in_row}, t.keep_checkpoints, par)
             progress.update(bar, advance=1, info=_line(m))
             if stop:
                 console.print(f"[yellow]stopped at step {done} by train.on_warning=stop; the checkpoint of step "
@@ -235,12 +226,50 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     if writer is None:
         return TrainResult(run_dir, done, None, None, seconds)
     writer.close()
+    write_status(run_dir, "finished", done, f"stopped by train.on_warning=stop at step {done}" if done < t.steps
+                 else f"all {t.steps} steps")
     plot_run_quietly(run_dir, console.print)
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"), seconds,
                        first.get("eval/mean_length"), last.get("eval/mean_length"))
+
+
+@dataclass
+class Monitor:
+    """The run's guards and early warnings, and what they decide: abort after train.max_bad_steps steps in a row
+    whose updates a NaN/Inf stopped; warnings (stablerl.warning) printed, logged as warn/<signal> and acted on
+    (train.on_warning: checkpoint, stop). Rank 0's row decides for every rank (the row is broadcast first)."""
+
+    t: TrainConfig
+    watch: Watch
+    bad_in_row: int = 0  # steps in a row whose every attempted mini-batch the NaN/Inf guard skipped
+
+    def updated(self, step: int, attempted: int, skipped: int) -> str | None:
+        """After step `step`'s updates: why the run must abort, or None."""
+        if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
+            self.bad_in_row = self.bad_in_row + 1 if skipped == attempted else 0
+        if self.bad_in_row >= self.t.max_bad_steps:
+            return f"{self.bad_in_row} steps in a row had a NaN/Inf loss or gradient (last at step {step})"
+        return None
+
+    def warn(self, step: int, m: dict, say: Callable[[str], None]) -> tuple[bool, bool]:
+        """The rules that crossed at `step` (logged into `m`, printed) -> (checkpoint now, stop after it)."""
+        fired = self.watch.check(m)
+        for rule in fired:
+            m[f"warn/{rule.signal}"] = m[rule.signal]
+            say(f"[yellow]warning at step {step}: {rule.signal} = {m[rule.signal]:.4g} ({rule}); "
+                f"train.on_warning={self.t.on_warning}[/yellow]")
+        return bool(fired) and self.t.on_warning in ("checkpoint", "stop"), bool(fired) and self.t.on_warning == "stop"
+
+
+def write_status(run_dir: Path, status: str, step: int, reason: str) -> None:
+    """<run>/status.json, atomically: how the run ended ("finished" | "aborted"), its last step and why (one line);
+    the report reads it instead of inferring the end from the metrics and the log."""
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"status": status, "step": step, "reason": reason}) + "\n")
+    tmp.replace(run_dir / "status.json")
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
@@ -279,9 +308,10 @@ class Learner:
     device: torch.device
     par: Parallel
 
-    def step(self, step: int, ro: Rollout, adv: torch.Tensor, timing: dict) -> tuple[dict, int, int]:
+    def step(self, step: int, ro: Rollout, adv: torch.Tensor, lr: float, timing: dict) -> tuple[dict, int, int]:
         """(metrics, mini-batches attempted, of those skipped by the NaN/Inf guard) of step `step` on the global
-        rollout `ro` with advantages `adv` (N,); the optimizer has stepped. Adds its phases' seconds to `timing`."""
+        rollout `ro` with advantages `adv` (N,) at learning rate `lr`; the optimizer has stepped. Adds its phases'
+        seconds to `timing`."""
         model, par, opt, t, a = self.model, self.par, self.opt, self.cfg.train, self.cfg.algo
         t0 = time.perf_counter()
         batch = Batch.of(ro, adv, self.pad_id, self.device, model.is_moe)
@@ -297,7 +327,6 @@ class Learner:
             update = update.at_old(old)  # the support guard at θ_old, before any update
         timing["time/old_logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         # E9 needs the gradients of whole parameters: FSDP holds shards (docs/scaling.md), so no probe there
@@ -326,7 +355,7 @@ class Learner:
             old = par.sum_rows(replace(old, entropy_sum=ent_live + plan.rest_scale * old.entropy_sum))
         m = diagnose(batch, old, plan.weight, a.replay != "R3") | fids
         m |= route_drift(model, cross, update.autocast)
-        return m | _mean_dicts(stats) | {"guard/skipped_minibatches": skipped, "train/lr": lr}, attempted, skipped
+        return m | _mean_dicts(stats) | {"guard/skipped_minibatches": skipped}, attempted, skipped
 
 
 @dataclass(frozen=True)

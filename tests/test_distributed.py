@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from stablerl.algorithm import group_advantages
-from stablerl.config import ConfigError, load_config
+from stablerl.config import ConfigError, load_config, lr_at
 from stablerl.distributed import Parallel
 from stablerl.engine import Engine
 from stablerl.hf import get_model
@@ -74,7 +74,8 @@ def _learn(cfg, par: Parallel, rollouts) -> dict:
     metrics = []
     for step, ro in enumerate(rollouts):
         adv = group_advantages(REWARDS, cfg.algo.adv_mode).flatten()
-        m, attempted, skipped = learner.step(step, ro, adv, {})
+        m, attempted, skipped = learner.step(step, ro, adv, lr_at(step, cfg.train.lr, cfg.train.warmup_steps,
+                                                                  cfg.train.steps, cfg.train.lr_schedule), {})
         metrics.append(m)
     full = par.full_model(model)
     weights = None if full is None else {k: v.detach().clone() for k, v in full.state_dict().items()}
