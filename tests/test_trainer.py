@@ -177,11 +177,17 @@ def test_a_step_is_bad_when_every_mini_batch_it_tried_was_skipped(tmp_path):
     # the abort comes at the second step that tried anything, and one of the two skipped only part of its N = 4
     assert rows[-1]["step"] == bad[1]["step"] and len(bad) == 2
     assert any(r["guard/skipped_minibatches"] < 4 for r in bad)
+    # the end of the run, for the report: aborted at that step, and why
+    status = json.loads((tmp_path / "bad" / "status.json").read_text())
+    assert status == {"status": "aborted", "step": bad[1]["step"],
+                      "reason": f"2 steps in a row had a NaN/Inf loss or gradient (last at step {bad[1]['step']})"}
 
 
 def test_old_vs_current_routing_is_logged_only_when_measured(tmp_path):
     # N = 1: the one update runs at θ_old itself, so its routes agree with θ_old's by construction: not logged.
     one = _run(tmp_path, "n1", ["train.steps=2"])
+    assert json.loads((tmp_path / "n1" / "status.json").read_text()) == {"status": "finished", "step": 2,
+                                                                         "reason": "all 2 steps"}
     assert not any("route/old_vs_current/mean" in r for r in one)
     two = [r for r in _run(tmp_path, "n2", ["train.steps=2", "train.n_minibatches=2"]) if "loss/policy" in r]
     assert two and all(0 < r["route/old_vs_current/mean"] <= 1 for r in two)
