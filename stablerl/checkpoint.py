@@ -15,6 +15,7 @@ in `optim/` through torch.distributed.checkpoint (one file per rank) instead of 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -151,8 +152,6 @@ class RunLock:
         self.fh = None
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+")
         try:
@@ -178,8 +177,6 @@ class RunLock:
     @staticmethod
     def held(run_dir: str | Path) -> bool:
         """Another process holds the lock of `run_dir`: a run is writing there right now."""
-        import fcntl
-
         path = Path(run_dir) / ".lock"
         if not path.exists():
             return False
