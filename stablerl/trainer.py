@@ -420,8 +420,8 @@ def diagnose(batch: Batch, old: PolicyLogProbs, weight: torch.Tensor | None, inf
     """Diagnostics of θ_old against the sampler (E3) over the scored rows: outside-support fraction, entropy, the
     train-inference KL and (no R3) the routing agreement. `weight` (N,): rows with Â = 0 subsampled (train.diag_rows):
     each scored one weighted so token means keep their meaning (unscored rows: 0); None = every row, once."""
-    mask = batch.packed.mask if weight is None else batch.packed.mask & (weight > 0)[:, None]  # (N, T) scored
-    w = None if weight is None else weight.to(mask.device)
+    w = None if weight is None else weight.to(batch.adv.device)  # (N,)
+    mask = batch.packed.mask if w is None else batch.packed.mask & (w > 0)[:, None]  # (N, T) the scored rows' tokens
     outside = mask & ~torch.isfinite(old.logp)  # (N, T) sampled, yet outside θ_old's truncated support
     kept = mask & ~outside
     tokens = mask.sum(1) if w is None else mask.sum(1) * w  # (N,)
