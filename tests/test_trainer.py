@@ -308,3 +308,15 @@ def test_subsampled_diagnostics_equal_the_full_ones_when_every_row_is_scored():
     copied = diagnose(b3, o3, None, True)
     for k in ("kl/k1", "kl/k3", "route/infer_vs_train/mean"):
         assert weighted[k] == pytest.approx(copied[k], rel=1e-5), k
+
+
+def test_on_policy_micro_batched_run_with_subsampled_diagnostics(tmp_path):
+    # N = 1 with micro-batches of 3 rows and 2 scored rows with Â = 0: r == 1 exactly (logp_old is the update's own
+    # forward), and every diagnostic of θ_old is still logged
+    rows = [r for r in _run(tmp_path, "micro", ["train.steps=2", "engine.numerics=fp32", "train.micro_batch_size=3",
+                                                "train.diag_rows=2"]) if "is/staleness_max" in r]
+    assert rows
+    for r in rows:
+        assert r["is/staleness_min"] == 1.0 and r["is/staleness_max"] == 1.0 and r["clip/frac"] == 0.0
+        assert abs(r["is/discrepancy_max"] - 1) < 1e-3 and r["kl/k3"] < 1e-5 and r["entropy/mean"] > 0
+        assert r["route/infer_vs_train/mean"] == 1.0 and r["guard/outside_support_frac"] == 0.0
