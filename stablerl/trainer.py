@@ -3,7 +3,8 @@
 One global step: sample B prompts × G responses with the inference engine → rewards → group advantages (E4) →
 `logp_old` from the training engine at θ_old, recording its routes → N mini-batch updates (E8), each minimising the
 registered policy loss (E5/E6) with Routing Replay if asked (E7) → sync weights to the engine → diagnostics → log →
-checkpoint. Every random number comes from generators seeded by (seed, step), so a resumed run replays exactly.
+checkpoint. On-policy (N = 1, no top-p/top-k) θ_old is θ at the only update, so the update's own forward gives
+`logp_old` of the rows it trains on; only the rows with Â = 0 get a θ_old pass, for the diagnostics. Every random number comes from generators seeded by (seed, step), so a resumed run replays exactly.
 """
 
 from __future__ import annotations
