@@ -15,6 +15,7 @@ in `optim/` through torch.distributed.checkpoint (one file per rank) instead of 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stablerl.config import Config, marked
 from stablerl.errors import UserError, describe_os_error, one_line
 from stablerl.hf import save_model
 
@@ -151,8 +153,6 @@ class RunLock:
         self.fh = None
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+")
         try:
@@ -178,8 +178,6 @@ class RunLock:
     @staticmethod
     def held(run_dir: str | Path) -> bool:
         """Another process holds the lock of `run_dir`: a run is writing there right now."""
-        import fcntl
-
         path = Path(run_dir) / ".lock"
         if not path.exists():
             return False
@@ -192,13 +190,7 @@ class RunLock:
         return False
 
 
-# Keys a resumed run may change: when to log, evaluate, probe and save, and how long a reward may take. Everything
-# else defines the run (its math, data, model, schedule), and a resumed run that changed it would be a different run.
-RESUMABLE = frozenset({"out_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-                       "train.fidelity_every", "train.fidelity_minibatches",
-                       "train.samples_per_eval", "train.max_bad_steps", "task.reward_timeout",
-                       "train.warn_on", "train.on_warning", "train.cross_step_rows",
-                       "train.dist_timeout"})  # logging and monitoring only
+RESUMABLE = frozenset(marked("resumable"))  # the keys a resumed run may change (config.RESUMABLE)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -218,8 +210,6 @@ def config_changes(saved: dict, new: dict, allowed: frozenset[str] = RESUMABLE,
     `within`, those outside these prefixes). Used by --resume and by the study executor. A key the saved config lacks
     is no change while the new value is its default: the run was made before the key existed, and a new key's
     default keeps the behaviour from before it (so a study can go on over several versions of stablerl)."""
-    from stablerl.config import Config
-
     a, b = flatten(saved), flatten(new)
     defaults = flatten(json.loads(json.dumps(dataclasses.asdict(Config()))))  # tuples as lists, as YAML reads them
     def was(k):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +21,19 @@ from typing import Any, Literal
 
 import yaml
 
+from stablerl.algorithm import LOSSES, make_hp
 from stablerl.errors import UserError
+from stablerl.tasks import get_task
+from stablerl.warning import check_rules
 
 Numerics = Literal["fp32", "bf16", "fp16", "fp8"]
+# Field metadata. RESUMABLE: a resumed run may change the key (when to log, evaluate, probe and save, how long a
+# reward may take); every other key defines the run (its math, data, model, schedule), and a resumed run that changed
+# it would be a different run (checkpoint.check_resume_config). SFT: a cold start (SFT) reads the key or the whole
+# section, so a change of it makes a built cold start stale; a change of an RL key (train.lr, algo.*) must not
+# (executor.config_diff).
+RESUMABLE = types.MappingProxyType({"resumable": True})
+SFT = types.MappingProxyType({"sft": True})
 
 
 class ConfigError(UserError):
@@ -38,7 +49,7 @@ class EngineConfig:
     temperature: float = 1.0  # the paper samples at 1 with no truncation
     top_p: float = 1.0  # 1 = no nucleus truncation; logp_old/logp use the same truncated support
     top_k: int = 0  # 0 = no top-k truncation
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata=SFT)
     stop: tuple[str, ...] = ()  # stop strings (EOS always stops)
     # engine-only discrepancy dial (E3): projection/expert weights rounded to this many bits per output channel
     # (int8, int4 ... as quantised-rollout systems sample), then the numerics above; 0 = off. Native backend only.
@@ -78,24 +89,34 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
-    eval_every: int = 20  # held-out greedy accuracy every k steps (0 = only at the start and end)
-    fidelity_every: int = 10  # E9 first-order fidelity probe every k steps (0 = never)
+    # on-policy (N = 1), the rows with Â = 0 need θ_old's log-probs only for the diagnostics (kl/*, entropy/mean,
+    # route/infer_vs_train/*, guard/outside_support_frac); with k > 0 at most k of them (a uniform draw of the step)
+    # are scored, and weighted by (rows with Â = 0) / k, so a token mean keeps its meaning (mean over every response
+    # token of the batch), estimated; maxima (kl/max_abs_log_ratio) are then over the rows scored. 0 = every row.
+    # With top-p/top-k sampling every row is scored (E5's normaliser counts the tokens in the trainer's support).
+    diag_rows: int = 0
+    # held-out greedy accuracy every k steps (0 = only at the start and end)
+    eval_every: int = field(default=20, metadata=RESUMABLE)
+    fidelity_every: int = field(default=10, metadata=RESUMABLE)  # E9 first-order fidelity probe every k steps (0=never)
     # which E8 mini-batches a probe step measures: the most stale one, or each (logged per index j as
     # fidelity/<stat>/mb<j>: how the replay's bias grows with staleness; one more probe per mini-batch)
-    fidelity_minibatches: Literal["last", "all"] = "last"
-    save_every: int = 10
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 3  # abort after this many NaN/Inf steps in a row
-    samples_per_eval: int = 4  # prompts/completions written to samples.jsonl at each eval
+    fidelity_minibatches: Literal["last", "all"] = field(default="last", metadata=RESUMABLE)
+    save_every: int = field(default=10, metadata=RESUMABLE)
+    keep_checkpoints: int = field(default=2, metadata=RESUMABLE)
+    max_bad_steps: int = field(default=3, metadata=RESUMABLE)  # abort after this many NaN/Inf steps in a row
+    samples_per_eval: int = field(default=4, metadata=RESUMABLE)  # prompts/completions to samples.jsonl per eval
     # early warning (stablerl.warning): rules '<metric><op><threshold>', e.g. kl/k3>0.01, route/cross_step/mean<0.97;
     # one warning per excursion, printed and logged as warn/<metric>; which signals lead collapse: docs/results
-    warn_on: tuple[str, ...] = ()
-    on_warning: Literal["continue", "checkpoint", "stop"] = "continue"  # checkpoint / stop (after a checkpoint)
-    cross_step_rows: int = 64  # rows whose routing θ_{t-1} vs θ_t is compared each step (MoE; 0 = off)
+    warn_on: tuple[str, ...] = field(default=(), metadata=RESUMABLE)
+    # checkpoint / stop (after a checkpoint)
+    on_warning: Literal["continue", "checkpoint", "stop"] = field(default="continue", metadata=RESUMABLE)
+    # rows whose routing θ_{t-1} vs θ_t is compared each step (MoE; 0 = off)
+    cross_step_rows: int = field(default=64, metadata=RESUMABLE)
     # under torchrun (stablerl train --nproc P): DDP replicates the weights, FSDP2 shards them (and the Adam state)
     # per decoder layer; same updates either way (docs/scaling.md). Ignored by a single process.
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before the job stops (> any eval)
+    # seconds a collective waits for the other ranks before the job stops (> any eval)
+    dist_timeout: float = field(default=1800.0, metadata=RESUMABLE)
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,7 @@ class SFTConfig:
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 30
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast, fp32 master weights
@@ -134,7 +156,7 @@ class TaskConfig:
     n_train: int = 4096
     n_heldout: int = 1024  # greedy accuracy to ~1.5 points (s.e.); 256 problems gave 55.9% where 1,024 gave 60.3%
     reward: str | None = None  # reward fn name or "package.module:function"; None = the task's own (math for files)
-    reward_timeout: float = 5.0
+    reward_timeout: float = field(default=5.0, metadata=RESUMABLE)
     # render dataset prompts with the checkpoint's chat template, as transformers'
     # apply_chat_template(add_generation_prompt=True) does; needs a checkpoint whose tokenizer has one
     chat_template: bool = False
@@ -144,19 +166,52 @@ class TaskConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "run"  # run directory name under out_dir
-    out_dir: str = "runs"
-    seed: int = 0
-    model: str = "tiny-moe"  # preset name, checkpoint directory or hub id
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available; model, engine, trainer, SFT, eval
+    out_dir: str = field(default="runs", metadata=RESUMABLE)
+    seed: int = field(default=0, metadata=SFT)
+    model: str = field(default="tiny-moe", metadata=SFT)  # preset name, checkpoint directory or hub id
+    # auto = cuda when available; model, engine, trainer, SFT, eval
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=SFT)
     init: str | None = None  # RL: start from this checkpoint (e.g. the cold-start SFT output) instead of `model`
     engine: EngineConfig = field(default_factory=EngineConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata=SFT)
+    task: TaskConfig = field(default_factory=TaskConfig, metadata=SFT)
 
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+def marked(mark: str, cls=Config, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys whose field carries the metadata `mark` (RESUMABLE, SFT); a marked section as its prefix `name.`."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        section = dataclasses.is_dataclass(hints[f.name])
+        if f.metadata.get(mark):
+            out.append(f"{prefix}{f.name}." if section else f"{prefix}{f.name}")
+        elif section:
+            out += marked(mark, hints[f.name], f"{prefix}{f.name}.")
+    return tuple(out)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """The learning rate of `step` (RL and SFT): linear warmup over `warmup` steps, then constant, or a cosine decay
+    that reaches 10% of `base` at `total`."""
+    if schedule == "constant":
+        return base * min(1.0, (step + 1) / max(1, warmup))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def loss_hp(cfg: Config) -> dict:
+    """The loss's hyperparameters (algorithm.LossHP's fields): the algo section, and E5's C from the engine's
+    max_new_tokens."""
+    a = cfg.algo
+    return dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=cfg.engine.max_new_tokens, is_rule=a.is_rule,
+                is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
 
 
 # ---- loading and validation ----------------------------------------------------------------------------------
@@ -334,9 +389,6 @@ def _merge(dst: dict, src: dict) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot work fail before any compute is spent."""
-    from stablerl.algorithm import LOSSES, make_hp
-    from stablerl.warning import check_rules
-
     if cfg.algo.loss not in LOSSES:
         close = difflib.get_close_matches(cfg.algo.loss, list(LOSSES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -366,16 +418,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.weight_bits: got {cfg.engine.weight_bits}, expected 0 (off) or 2..8")
     if cfg.engine.temperature < 0:
         raise ConfigError(f"engine.temperature: got {cfg.engine.temperature}, expected >= 0")
-    a = cfg.algo
     try:  # the loss's own hyperparameter checks, run at load time so a bad value fails before any compute
-        make_hp(eps_low=a.eps_low, eps_high=a.eps_high, is_rule=a.is_rule, is_trunc=a.is_trunc, is_low=a.is_low,
-                is_high=a.is_high, max_tokens=cfg.engine.max_new_tokens)
+        make_hp(**loss_hp(cfg))
     except ValueError as e:
         raise ConfigError(f"algo.{e}") from None
     try:  # each rule watches a metric of the registry (stablerl.metrics): a misspelled one would never fire
         check_rules(t.warn_on)
     except ValueError as e:
         raise ConfigError(f"train.warn_on: {e}") from None
+    if t.diag_rows < 0:
+        raise ConfigError(f"train.diag_rows: got {t.diag_rows}, expected >= 0 (0 = every row)")
     if t.cross_step_rows < 0:
         raise ConfigError(f"train.cross_step_rows: got {t.cross_step_rows}, expected >= 0 (0 = off)")
     if t.dist_timeout <= 0:
@@ -393,8 +445,6 @@ def task_reward(task: TaskConfig) -> str:
         return task.reward
     if task.data is not None:
         return "math"
-    from stablerl.tasks import get_task
-
     return get_task(task.name, **task.knobs).reward
 
 

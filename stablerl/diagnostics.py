@@ -13,8 +13,11 @@ import torch
 from stablerl.algorithm import cosine, first_order_gradients, sequence_gradient
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    if weight is None:
+        return float((x * mask).sum() / mask.sum().clamp(min=1))
+    w = mask * weight[:, None]  # (N, T) row weights on the tokens
+    return float((x * w).sum() / w.sum().clamp(min=1e-12))
 
 
 @torch.no_grad()
@@ -28,33 +31,36 @@ def entropy(logp_full: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def train_inference_kl(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.Tensor,
                        logp_full_train: torch.Tensor | None = None,
-                       logp_full_infer: torch.Tensor | None = None) -> dict[str, float]:
+                       logp_full_infer: torch.Tensor | None = None,
+                       weight: torch.Tensor | None = None) -> dict[str, float]:
     """KL(μ || π) between the inference engine μ (which sampled) and the trainer π on the sampled tokens (E3).
 
     k1 = log μ − log π (unbiased, noisy, can be negative); k3 = (π/μ) − 1 − log(π/μ) (unbiased, ≥ 0, low variance).
-    With both full distributions (small vocabularies), the exact per-token KL as well.
+    With both full distributions (small vocabularies), the exact per-token KL as well. `weight` (N,): row weights
+    of the means (a subsample standing for more rows); None = every row once.
     """
     log_ratio = (logp_train - logp_infer).masked_fill(~mask, 0.0)  # (N, T) log π/μ
     out = {
-        "kl/k1": _masked_mean(-log_ratio, mask),
-        "kl/k3": _masked_mean(log_ratio.exp() - 1 - log_ratio, mask),
+        "kl/k1": _masked_mean(-log_ratio, mask, weight),
+        "kl/k3": _masked_mean(log_ratio.exp() - 1 - log_ratio, mask, weight),
         "kl/max_abs_log_ratio": float(log_ratio.abs().max()),
     }
     if logp_full_train is not None and logp_full_infer is not None:
         p_mu = logp_full_infer.exp()
         kl = (p_mu * (logp_full_infer - logp_full_train)).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)  # (N, T)
-        out["kl/exact"] = _masked_mean(kl, mask)
+        out["kl/exact"] = _masked_mean(kl, mask, weight)
     return out
 
 
 @torch.no_grad()
 def routing_agreement(a: torch.Tensor | None, b: torch.Tensor | None, token_mask: torch.Tensor,
-                      prefix: str) -> dict[str, float]:
-    """Fraction of tokens whose expert *set* is identical in `a` and `b`, per MoE layer; routes (N, S, L, K)."""
+                      prefix: str, weight: torch.Tensor | None = None) -> dict[str, float]:
+    """Fraction of tokens whose expert *set* is identical in `a` and `b`, per MoE layer; routes (N, S, L, K).
+    `weight` (N,): row weights (a subsample standing for more rows); None = every row once."""
     if a is None or b is None:
         return {}
     same = (a.sort(-1).values == b.sort(-1).values).all(-1).float()  # (N, S, L)
-    m = token_mask[..., None].float()
+    m = token_mask[..., None].float() if weight is None else token_mask[..., None] * weight[:, None, None]
     per_layer = (same * m).sum((0, 1)) / m.sum((0, 1)).clamp(min=1)  # (L,)
     out = {f"{prefix}/layer{i}": float(v) for i, v in enumerate(per_layer)}
     out[f"{prefix}/mean"] = float(per_layer.mean())

@@ -28,7 +28,8 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from stablerl.config import Config, to_yaml
+from stablerl.checkpoint import RunLock, config_changes, latest_checkpoint
+from stablerl.config import Config, marked, to_yaml
 from stablerl.errors import UserError, one_line
 from stablerl.study import summary
 from stablerl.study.definition import Estimate, Run
@@ -58,16 +59,12 @@ class Plan:
         return a
 
 
-# what a cold start (SFT) depends on: a change of an RL key (train.lr, algo.*) must not make it stale
-SFT_KEYS = ("sft.", "task.", "model", "seed", "device", "engine.max_new_tokens")
 
 
 def config_diff(saved: dict, expected: Config, kind: str = "train") -> str | None:
     """'key (was a, now b)' for the first keys that differ, outside those a resume may change (and, for a cold
     start, outside those SFT reads), or None."""
-    from stablerl.checkpoint import config_changes
-
-    changed = config_changes(saved, yaml.safe_load(to_yaml(expected)), within=SFT_KEYS if kind == "sft" else ())
+    changed = config_changes(saved, yaml.safe_load(to_yaml(expected)), within=marked("sft") if kind == "sft" else ())
     if not changed:
         return None
     more = f" and {len(changed) - 2} more" if len(changed) > 2 else ""
@@ -80,8 +77,6 @@ def plan_run(run: Run) -> Plan:
     retried), or when its metrics.jsonl already holds a row for step train.steps (or ends in an abort) even if the
     summary was never written. Unfinished with a checkpoint: resume; unfinished without one: fresh. A cold start
     (sft) is finished when sft.json and model/config.json exist, else it restarts (SFT has no resume)."""
-    from stablerl.checkpoint import RunLock, latest_checkpoint
-
     d = run.run_dir
     if not d.exists():
         return Plan(run, "fresh", "new")

@@ -19,7 +19,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stablerl.checkpoint import RunLock
-from stablerl.config import Config, save_config, task_reward
+from stablerl.config import Config, lr_at, save_config, task_reward
 from stablerl.engine import Engine
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
@@ -39,14 +39,6 @@ class SFTResult:
     accuracy: float  # held-out greedy accuracy of the checkpoint
     final_loss: float
     seconds: float
-
-
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warmup then cosine decay to 10% of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def parse_style(spec: str) -> dict[str, float]:
@@ -119,7 +111,7 @@ def _run_sft(cfg: Config, show_progress: bool) -> SFTResult:
     device = resolve_device(cfg.device)
     model.to(device).train()  # fp32 master weights and optimizer state; sft.dtype=bf16 autocasts the forward
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.sft.dtype == "bf16")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=cfg.sft.betas)
     gen = torch.Generator().manual_seed(cfg.seed)
     heldout = task_examples(cfg.task, "heldout")
     writer = MetricsWriter(run_dir, tensorboard=True)

@@ -3,7 +3,9 @@
 One global step: sample B prompts × G responses with the inference engine → rewards → group advantages (E4) →
 `logp_old` from the training engine at θ_old, recording its routes → N mini-batch updates (E8), each minimising the
 registered policy loss (E5/E6) with Routing Replay if asked (E7) → sync weights to the engine → diagnostics → log →
-checkpoint. Every random number comes from generators seeded by (seed, step), so a resumed run replays exactly.
+checkpoint. On-policy (N = 1, no top-p/top-k) θ_old is θ at the only update, so the update's own forward gives
+`logp_old` of the rows it trains on; only the rows with Â = 0 get a θ_old pass, for the diagnostics. Every random
+number comes from generators seeded by (seed, step), so a resumed run replays exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from stablerl import diagnostics as diag
 from stablerl.algorithm import BatchSize, group_advantages, policy_loss, skips_zero_adv
 from stablerl.checkpoint import RunLock, check_resume_config, list_checkpoints, load_trainer_state, save_checkpoint
-from stablerl.config import Config, check_replay, load_config, save_config, task_reward
+from stablerl.config import Config, TrainConfig, check_replay, load_config, loss_hp, lr_at, save_config, task_reward
 from stablerl.distributed import Parallel
 from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
@@ -38,7 +40,6 @@ from stablerl.progress import log_lines
 from stablerl.rewards import score
 from stablerl.rollout import make_backend
 from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, select
-from stablerl.sft import lr_at
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
 from stablerl.warning import Watch
@@ -139,12 +140,11 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     B, G = t.batch_prompts, t.group_size
     sampling = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
     learner = Learner(cfg, model, forward, opt, tok.pad_id, device, par)
-    bad_in_row = state.get("bad_in_row", 0)
-    watch = Watch.of(t.warn_on)
+    monitor = Monitor(t, Watch.of(t.warn_on), state.get("bad_in_row", 0))
     if ckpt is not None and t.warn_on:  # resumed: each rule continues from the side its signal was on, not anew
         for row in par.broadcast(read_metrics(metrics_path) if par.main else None):
             if 1 <= row.get("step", 0) <= start:
-                watch.check(row)
+                monitor.watch.check(row)
     done = start
     t_start = time.perf_counter()
 
@@ -196,18 +196,16 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             m |= diag.reward_stats(rewards, ro.mask.sum(1), torch.tensor([r == "length" for r in ro.finish_reason]))
             m |= {"reward/errors": scored.n_errors, "reward/timeouts": scored.n_timeouts}
             # ---- θ_old, then the N mini-batch updates (E3, E7, E8) ------------------------------------------
-            learned, attempted, skipped = learner.step(step, ro, adv, timing)
-            lr = learned.pop("train/lr")
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.lr_schedule)
+            learned, attempted, skipped = learner.step(step, ro, adv, lr, timing)
             m |= learned
-            if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
-                bad_in_row = bad_in_row + 1 if skipped == attempted else 0
-            if bad_in_row >= t.max_bad_steps:
+            if abort := monitor.updated(step + 1, attempted, skipped):
                 log(step + 1, m)  # the step's row, numbered like every other step's
                 if writer is not None:
                     writer.close()
                     plot_run_quietly(run_dir, console.print)  # the curves up to the abort: what a user looks at first
-                raise UserError(f"aborting: {bad_in_row} steps in a row had a NaN/Inf loss or gradient (last at step "
-                                f"{step + 1}); lower train.lr or check the data (metrics in {metrics_path})")
+                    write_status(run_dir, "aborted", step + 1, abort)
+                raise UserError(f"aborting: {abort}; lower train.lr or check the data (metrics in {metrics_path})")
             # ---- sync the new weights into the engine (cast / quantised to its numerics) -----------------------
             t0 = time.perf_counter()
             engine.sync(model, par.gather)
@@ -219,16 +217,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 m |= run_eval(done)
             m = par.broadcast(m)  # rank 0's row (its timings, its eval): every rank then takes the same decisions
-            fired = watch.check(m)
-            for rule in fired:  # early warning (stablerl.warning): printed, logged, acted on
-                m[f"warn/{rule.signal}"] = m[rule.signal]
-                console.print(f"[yellow]warning at step {done}: {rule.signal} = {m[rule.signal]:.4g} "
-                              f"({rule}); train.on_warning={t.on_warning}[/yellow]")
-            stop = bool(fired) and t.on_warning == "stop"
+            checkpoint, stop = monitor.warn(done, m, console.print)
             log(done, m)
-            if ((t.save_every and done % t.save_every == 0) or done == t.steps
-                    or (fired and t.on_warning in ("checkpoint", "stop"))):
-                save(run_dir, done, model, tok, opt, {"bad_in_row": bad_in_row}, t.keep_checkpoints, par)
+            if (t.save_every and done % t.save_every == 0) or done == t.steps or checkpoint:
+                save(run_dir, done, model, tok, opt, {"bad_in_row": monitor.bad_in_row}, t.keep_checkpoints, par)
             progress.update(bar, advance=1, info=_line(m))
             if stop:
                 console.print(f"[yellow]stopped at step {done} by train.on_warning=stop; the checkpoint of step "
@@ -238,12 +230,50 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     if writer is None:
         return TrainResult(run_dir, done, None, None, seconds)
     writer.close()
+    write_status(run_dir, "finished", done, f"stopped by train.on_warning=stop at step {done}" if done < t.steps
+                 else f"all {t.steps} steps")
     plot_run_quietly(run_dir, console.print)
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"), seconds,
                        first.get("eval/mean_length"), last.get("eval/mean_length"))
+
+
+@dataclass
+class Monitor:
+    """The run's guards and early warnings, and what they decide: abort after train.max_bad_steps steps in a row
+    whose updates a NaN/Inf stopped; warnings (stablerl.warning) printed, logged as warn/<signal> and acted on
+    (train.on_warning: checkpoint, stop). Rank 0's row decides for every rank (the row is broadcast first)."""
+
+    t: TrainConfig
+    watch: Watch
+    bad_in_row: int = 0  # steps in a row whose every attempted mini-batch the NaN/Inf guard skipped
+
+    def updated(self, step: int, attempted: int, skipped: int) -> str | None:
+        """After step `step`'s updates: why the run must abort, or None."""
+        if attempted:  # a step with nothing to update is neither bad nor good: it leaves the count alone
+            self.bad_in_row = self.bad_in_row + 1 if skipped == attempted else 0
+        if self.bad_in_row >= self.t.max_bad_steps:
+            return f"{self.bad_in_row} steps in a row had a NaN/Inf loss or gradient (last at step {step})"
+        return None
+
+    def warn(self, step: int, m: dict, say: Callable[[str], None]) -> tuple[bool, bool]:
+        """The rules that crossed at `step` (logged into `m`, printed) -> (checkpoint now, stop after it)."""
+        fired = self.watch.check(m)
+        for rule in fired:
+            m[f"warn/{rule.signal}"] = m[rule.signal]
+            say(f"[yellow]warning at step {step}: {rule.signal} = {m[rule.signal]:.4g} ({rule}); "
+                f"train.on_warning={self.t.on_warning}[/yellow]")
+        return bool(fired) and self.t.on_warning in ("checkpoint", "stop"), bool(fired) and self.t.on_warning == "stop"
+
+
+def write_status(run_dir: Path, status: str, step: int, reason: str) -> None:
+    """<run>/status.json, atomically: how the run ended ("finished" | "aborted"), its last step and why (one line);
+    the report reads it instead of inferring the end from the metrics and the log."""
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"status": status, "step": step, "reason": reason}) + "\n")
+    tmp.replace(run_dir / "status.json")
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
@@ -281,112 +311,132 @@ class Learner:
     pad_id: int
     device: torch.device
     par: Parallel
-    # called with a mini-batch's index once its gradient is complete (reduced over the ranks), before clipping
-    after_backward: Callable[[int], None] | None = None
 
-    def step(self, step: int, ro: Rollout, adv: torch.Tensor, timing: dict) -> tuple[dict, int, int]:
+    def step(self, step: int, ro: Rollout, adv: torch.Tensor, lr: float, timing: dict) -> tuple[dict, int, int]:
         """(metrics, mini-batches attempted, of those skipped by the NaN/Inf guard) of step `step` on the global
-        rollout `ro` with advantages `adv` (N,); the optimizer has stepped. Adds its phases' seconds to `timing`."""
-        model, par, device, opt = self.model, self.par, self.device, self.opt
-        e, a, t = self.cfg.engine, self.cfg.algo, self.cfg.train
-        B, G, N = t.batch_prompts, t.group_size, t.n_minibatches
-        hp = dict(eps_low=a.eps_low, eps_high=a.eps_high, max_tokens=e.max_new_tokens, is_rule=a.is_rule,
-                  is_trunc=a.is_trunc, is_low=a.is_low, is_high=a.is_high)
-        lp_args = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, chunk=t.logit_chunk,
-                       checkpoint=t.activation_checkpointing)
-        truncated = e.top_p < 1 or e.top_k > 0
-        autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
-        m = {}
+        rollout `ro` with advantages `adv` (N,) at learning rate `lr`; the optimizer has stepped. Adds its phases'
+        seconds to `timing`."""
+        model, par, opt, t, a = self.model, self.par, self.opt, self.cfg.train, self.cfg.algo
         t0 = time.perf_counter()
-        packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)],
-                      self.pad_id).to(device)
-        logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].to(device).masked_fill(~packed.mask, 0.0)  # (N, T)
-        routes_infer = full_routes(ro, packed) if model.is_moe else None  # (N, S, L, K) the engine's experts
-        adv = adv.to(device)
-        # E8 split, fixed before θ_old is evaluated: logp_old is computed on exactly the micro-batches (rows, order,
-        # padding) the updates will see, so at N = 1 the update's forward repeats θ_old's bitwise (r == 1). Drawn
-        # over global row ids, the same on every rank; each rank runs its share of each mini-batch's live rows.
-        order = torch.randperm(B * G, generator=_gen(self.cfg.seed, step, 3)).view(N, -1)  # (N_mb, N/N_mb)
-        batches, rest = minibatches(order, adv.cpu(), skips_zero_adv(a.loss), t.micro_batch_size, par)
-        # rows the updates leave out (Â = 0) are scored too, for the diagnostics, in forwards of their own
-        rest_micro = [r for r in par.share(rest).split(t.micro_batch_size or len(rest) or 1) if len(r)]
-        micro = [r for mb in batches for r in mb.micro] + rest_micro
-        # N = 1 with the live rows in one micro-batch: the one update runs at θ_old itself, so θ_old's forward of
-        # those rows keeps its graph and the update reuses it (recomputing it cost +0.25 s of a ~2.7 s quickstart
-        # step, docs/log.md 2026-12-02); r == 1 by construction. Micro-batched runs (real models) recompute, and so
-        # do distributed ones (their θ_old forward is not the wrapped forward that reduces gradients).
-        reuse = N == 1 and len(batches[0].micro) == 1 and not par.active
-        # FSDP: each forward all-gathers weights, so every rank runs as many as the busiest one
-        pad = par.max_int(len(micro)) - len(micro) if par.lockstep else 0
-        with autocast():
-            old, kept = old_policy(model, packed, micro, routes_infer if a.replay == "R3" else None, lp_args,
-                                   keep_first=reuse, pad=pad)
-        old = par.sum_rows(old)  # each row was computed by one rank: the global logp_old, routes and entropy
-        # A token the engine sampled can lie outside the trainer's truncated support (top-p/top-k with a
-        # non-fp32 engine): log π_old = -inf there. Such tokens are dropped from the loss and counted.
-        outside = packed.mask & ~torch.isfinite(old.logp)  # (N, T)
-        packed = replace(packed, mask=packed.mask & ~outside)
-        mask = packed.mask  # (N, T)
-        logp_old = old.logp.masked_fill(~mask, 0.0)  # (N, T) log π_θold
-        routes_old = old.routes  # (N, S, L, K)
+        batch = Batch.of(ro, adv, self.pad_id, self.device, model.is_moe)
+        plan = plan_step(self.cfg, step, batch.adv.cpu(), par)  # E8 mini-batches, Â = 0 rows, FSDP padding
+        update = Update.of(self.cfg, model, batch, self.forward, par)
+        # θ_old (E3, E7) in a pass of its own: every row off-policy; on-policy only the rows no update runs (the
+        # update's forward gives the others: θ = θ_old at the only update)
+        with update.autocast():
+            old = old_policy(model, batch.packed, plan.old_micro, batch.routes_infer if a.replay == "R3" else None,
+                             update.lp_args, plan.old_pad)
+        if not plan.on_policy:
+            old = par.sum_rows(old)  # each row was computed by one rank: the global logp_old, routes and entropy
+            update = update.at_old(old)  # the support guard at θ_old, before any update
         timing["time/old_logprobs"] = time.perf_counter() - t0
-        m["guard/outside_support_frac"] = float(outside.sum()) / max(1, int(ro.mask.sum()))
-        m["entropy/mean"] = old.entropy_sum / max(1, int(packed.mask.sum() + outside.sum()))
-        m |= diag.train_inference_kl(logp_old, logp_infer, mask)
-        tok_mask = seq_token_mask(packed)
-        if a.replay != "R3":
-            m |= diag.routing_agreement(routes_infer, routes_old, tok_mask, "route/infer_vs_train")
-        # ---- E8: N mini-batch updates; later ones are off-policy (staleness r != 1) -------------------
         t0 = time.perf_counter()
-        lr = (lr_at(step, t.lr, t.warmup_steps, t.steps) if t.lr_schedule == "cosine"
-              else t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)))  # linear warmup, then constant
         for group in opt.param_groups:
             group["lr"] = lr
         # E9 needs the gradients of whole parameters: FSDP holds shards (docs/scaling.md), so no probe there
         probe = bool(t.fidelity_every) and (step + 1) % t.fidelity_every == 0 and par.kind != "fsdp"
-        replay = {"none": None, "R2": routes_old, "R3": routes_infer}[a.replay]  # E7: whose experts run
-        mb_stats: list[dict] = []
-        attempted = skipped = 0  # mini-batches with rows to update / of those, the ones a guard stopped
-        measure_old = routes_old if a.replay == "none" else None  # replayed routes agree by construction
-        update = Update(model, packed, logp_old, logp_infer, adv, replay, measure_old, tok_mask, a.loss, hp,
-                        lp_args, truncated, autocast, self.forward, par)
-        # Cross-step routing (θ_{t-1} vs θ_t, the router's own choice, same tokens): the routing flip that preceded
-        # the quickstart's step-31 collapse (docs/log.md 2026-12-01). On a random subset of rows: two no-grad
-        # forwards without the LM head, a few % of a step (every rank runs the same ones: FSDP's forwards gather).
-        cross = None
-        if model.is_moe and t.cross_step_rows:
-            sub = RouteProbe.of(packed, order.flatten()[: t.cross_step_rows].to(device))
-            with autocast():
-                cross = (sub, expert_routes(model, sub))
         every = t.fidelity_minibatches == "all"  # E9 at each mini-batch (logged per j), else at the most stale one
-        for j, mb in enumerate(batches):
+        cross = route_probe(model, batch.packed, plan.order, t.cross_step_rows, update.autocast)  # θ_{t-1}'s routes
+        stats, fids, attempted, skipped, ent_live = [], {}, 0, 0, 0.0
+        for j, mb in enumerate(plan.batches):
             if not mb.passes:
                 continue  # every row of this mini-batch has Â = 0: no gradient, so no optimizer step
             attempted += 1
-            st, fid = update.run(mb, stale=j > 0, probe=probe and (every or j == N - 1), reuse=kept if j == 0 else None)
-            if every and N > 1:
-                m |= {f"{k}/mb{j}": v for k, v in fid.items()}
-            if j == N - 1:
-                m |= fid
-            if self.after_backward is not None:
-                self.after_backward(j)
+            st, fid, ent = update.run(mb, stale=j > 0, probe=probe and (every or j == t.n_minibatches - 1),
+                                      fill=old if plan.on_policy else None)
+            ent_live += ent
+            fids |= {f"{k}/mb{j}": v for k, v in fid.items()} if every and t.n_minibatches > 1 else {}
+            fids |= fid if j == t.n_minibatches - 1 else {}
             gnorm = par.grad_norm(model.parameters(), t.grad_clip)
             if st is None or not (math.isfinite(st["loss/policy"]) and torch.isfinite(gnorm)):
                 skipped += 1  # guard: a NaN/Inf step (or one with nothing left to learn from) never moves weights
-                opt.zero_grad(set_to_none=True)
-                continue
-            opt.step()
+            else:
+                opt.step()
+                stats.append(st | {"grad/norm": float(gnorm)})
             opt.zero_grad(set_to_none=True)
-            mb_stats.append(st | {"grad/norm": float(gnorm)})
         timing["time/updates"] = time.perf_counter() - t0
-        if cross is not None:  # θ_t's routes of the rows θ_{t-1} routed before the updates
-            with autocast():
-                now = expert_routes(model, cross[0])
-            m |= diag.routing_agreement(cross[1], now, cross[0].mask_seq, "route/cross_step")
-        m |= _mean_dicts(mb_stats)
-        m["guard/skipped_minibatches"] = skipped
-        m["train/lr"] = lr
-        return m, attempted, skipped
+        if plan.on_policy:  # the live rows' θ_old came from the update's forward
+            old = par.sum_rows(replace(old, entropy_sum=ent_live + plan.rest_scale * old.entropy_sum))
+        m = diagnose(batch, old, plan.weight, a.replay != "R3") | fids
+        m |= route_drift(model, cross, update.autocast)
+        return m | _mean_dicts(stats) | {"guard/skipped_minibatches": skipped}, attempted, skipped
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's global batch as the trainer reads it, on the trainer's device."""
+
+    packed: Packed
+    logp_infer: torch.Tensor  # (N, T) log μ_θold, 0 off the mask
+    routes_infer: torch.Tensor | None  # (N, S, L, K) the engine's experts (MoE)
+    adv: torch.Tensor  # (N,)
+    tok_mask: torch.Tensor  # (N, S) real tokens
+
+    @classmethod
+    def of(cls, ro: Rollout, adv: torch.Tensor, pad_id: int, device: torch.device, is_moe: bool) -> Batch:
+        packed = pack(ro.prompt_ids, [row[msk].tolist() for row, msk in zip(ro.tokens, ro.mask)], pad_id).to(device)
+        logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].to(device).masked_fill(~packed.mask, 0.0)  # (N, T)
+        routes = full_routes(ro, packed) if is_moe else None  # (N, S, L, K)
+        return cls(packed, logp_infer, routes, adv.to(device), seq_token_mask(packed))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which rows run where in one step: the E8 mini-batches (each rank's share of their live rows, and the padding
+    passes that keep the ranks' collectives paired), and the rows θ_old needs a pass of its own for."""
+
+    order: torch.Tensor  # (N,) the step's row permutation (E8 split, cross-step probe rows)
+    batches: list[MiniBatch]
+    on_policy: bool  # N = 1 without truncation: the update's own forward gives θ_old of the rows it trains on
+    old_micro: list[torch.Tensor]  # this rank's micro-batches of the θ_old pass
+    old_pad: int  # FSDP: more no-grad forwards, so every rank runs as many as the busiest one
+    weight: torch.Tensor | None  # (N,) row weights of the diagnostics when Â = 0 rows are subsampled, 0 = unscored
+    rest_scale: float = 1.0  # the weight of each scored row with Â = 0 (rows with Â = 0 / rows scored)
+
+
+def plan_step(cfg: Config, step: int, adv: torch.Tensor, par: Parallel) -> Plan:
+    """The step's plan. The E8 split is drawn over global row ids (the same on every rank) and fixed before θ_old is
+    evaluated: logp_old is computed on exactly the micro-batches (rows, order, padding) the updates will see, so at
+    N = 1 the update's forward repeats θ_old's bitwise (r == 1). Rows with Â = 0 get no update (when the loss says
+    so) but are scored for the diagnostics: on-policy a uniform draw of train.diag_rows of them, weighted."""
+    t, e = cfg.train, cfg.engine
+    N = adv.shape[0]
+    order = torch.randperm(N, generator=_gen(cfg.seed, step, 3)).view(t.n_minibatches, -1)  # (N_mb, N/N_mb)
+    batches, rest = minibatches(order, adv, skips_zero_adv(cfg.algo.loss), t.micro_batch_size, par)
+    # with top-p/top-k a sampled token may lie outside the trainer's support (log π_old = -inf): E5's normaliser
+    # counts only the kept tokens, so every row's support must be known before the first backward
+    on_policy = t.n_minibatches == 1 and e.top_p == 1 and e.top_k == 0
+    weight, scale = None, 1.0
+    if on_policy and 0 < t.diag_rows < len(rest):
+        pick = torch.randperm(len(rest), generator=_gen(cfg.seed, step, 4))[: t.diag_rows].sort().values
+        weight = torch.ones(N)
+        weight[rest] = 0.0
+        scale = len(rest) / t.diag_rows  # each scored row stands for len(rest) / k rows
+        weight[rest[pick]] = scale
+        rest = rest[pick]
+    rest_micro = [r for r in par.share(rest).split(t.micro_batch_size or len(rest) or 1) if len(r)]
+    old_micro = rest_micro if on_policy else [r for mb in batches for r in mb.micro] + rest_micro
+    pad = par.max_int(len(old_micro)) - len(old_micro) if par.lockstep else 0  # FSDP: each forward all-gathers
+    return Plan(order.flatten(), batches, on_policy, old_micro, pad, weight, scale)
+
+
+def diagnose(batch: Batch, old: PolicyLogProbs, weight: torch.Tensor | None, infer_vs_train: bool) -> dict:
+    """Diagnostics of θ_old against the sampler (E3) over the scored rows: outside-support fraction, entropy, the
+    train-inference KL and (no R3) the routing agreement. `weight` (N,): rows with Â = 0 subsampled (train.diag_rows):
+    each scored one weighted so token means keep their meaning (unscored rows: 0); None = every row, once."""
+    w = None if weight is None else weight.to(batch.adv.device)  # (N,)
+    mask = batch.packed.mask if w is None else batch.packed.mask & (w > 0)[:, None]  # (N, T) the scored rows' tokens
+    outside = mask & ~torch.isfinite(old.logp)  # (N, T) sampled, yet outside θ_old's truncated support
+    kept = mask & ~outside
+    tokens = mask.sum(1) if w is None else mask.sum(1) * w  # (N,)
+    m = {"guard/outside_support_frac": float(outside.sum() if w is None else (outside.sum(1) * w).sum())
+         / max(1, float(tokens.sum())),
+         "entropy/mean": old.entropy_sum / max(1.0, float(tokens.sum()))}
+    m |= diag.train_inference_kl(old.logp.masked_fill(~kept, 0.0), batch.logp_infer, kept, weight=w)
+    if infer_vs_train:
+        tok_mask = batch.tok_mask if w is None else batch.tok_mask & (w > 0)[:, None]
+        m |= diag.routing_agreement(batch.routes_infer, old.routes, tok_mask, "route/infer_vs_train", weight=w)
+    return m
 
 
 def clear_run(run_dir: Path, allowed: bool) -> None:
@@ -442,6 +492,27 @@ def expert_routes(model, probe: RouteProbe) -> torch.Tensor:
     return model(probe.ids, logits=False).routes
 
 
+def route_probe(model, packed: Packed, order: torch.Tensor, rows: int, autocast) -> tuple | None:
+    """Cross-step routing (θ_{t-1} vs θ_t, the router's own choice, same tokens): the routing flip that preceded the
+    quickstart's step-31 collapse (docs/log.md 2026-12-01). On the step's first `rows` rows (a random subset): two
+    no-grad forwards without the LM head, a few % of a step (every rank runs the same ones: FSDP's forwards gather).
+    -> (probe, θ_{t-1}'s routes), taken before the updates, or None (dense model, or off)."""
+    if not model.is_moe or not rows:
+        return None
+    sub = RouteProbe.of(packed, order[:rows].to(packed.ids.device))
+    with autocast():
+        return sub, expert_routes(model, sub)
+
+
+def route_drift(model, cross: tuple | None, autocast) -> dict:
+    """route/cross_step/*: θ_t's routes (after the updates) of the rows `route_probe` routed before them."""
+    if cross is None:
+        return {}
+    with autocast():
+        now = expert_routes(model, cross[0])
+    return diag.routing_agreement(cross[1], now, cross[0].mask_seq, "route/cross_step")
+
+
 @dataclass(frozen=True)
 class MiniBatch:
     """One E8 mini-batch: all its rows (they set the loss's normalisation) and the micro-batches that are run."""
@@ -477,36 +548,30 @@ def minibatches(order: torch.Tensor, adv: torch.Tensor, skip_zero_adv: bool, mic
 
 
 def old_policy(model, packed: Packed, micro: list[torch.Tensor], replay: torch.Tensor | None, lp_args: dict,
-               keep_first: bool = False, pad: int = 0) -> tuple[PolicyLogProbs, PolicyLogProbs | None]:
-    """θ_old over micro-batches of rows (together a partition of the rows) -> (logp_old (N, T), the routes (N, S, L, K)
-    or None, and the summed entropy of the sampling distribution over response tokens; `kept`). No grad, except with
-    `keep_first`: the first micro-batch's forward then keeps its graph and is returned as `kept`, for an update at
-    these very weights to reuse instead of repeating it. Distributed, `micro` is this rank's part (rows of other ranks
-    stay 0) and `pad` more forwards, whose results are dropped, keep FSDP's collectives in step."""
+               pad: int = 0) -> PolicyLogProbs:
+    """θ_old over micro-batches of rows, no grad -> logp_old (N, T), the routes (N, S, L, K) or None, and the summed
+    entropy of the sampling distribution over their response tokens; rows not in `micro` stay 0. Distributed,
+    `micro` is this rank's part and `pad` more forwards, whose results are dropped, keep FSDP's collectives in step."""
     N, T = packed.mask.shape
     logp = torch.zeros(N, T, device=packed.ids.device)  # (N, T)
-    routes, ent, kept = None, 0.0, None
+    routes, ent = None, 0.0
     if model.is_moe:  # (N, S, L, K) in the engine's compact route dtype
         c = model.config
         routes = torch.zeros(N, packed.ids.shape[1], len(c.moe_layers), c.num_experts_per_tok,
                              dtype=route_dtype(c.num_experts), device=logp.device)
-    for i, idx in enumerate(micro):
-        mb = select(packed, idx)
-        S = mb.ids.shape[1]
-        with torch.set_grad_enabled(keep_first and i == 0):
-            out = policy_logprobs(model, mb, None if replay is None else replay[idx, :S], entropy=True, **lp_args)
-        if out.logp.requires_grad:
-            kept = out
-        logp[idx, : mb.mask.shape[1]] = out.logp.detach()
-        ent += out.entropy_sum
-        if routes is not None:
-            routes[idx, :S] = out.routes.to(routes.dtype)
+    pads = [torch.zeros(1, dtype=torch.long, device=logp.device)] * pad
     with torch.no_grad():
-        for _ in range(pad):
-            one = torch.zeros(1, dtype=torch.long, device=logp.device)
-            sub = select(packed, one)
-            policy_logprobs(model, sub, None if replay is None else replay[one, :sub.ids.shape[1]], **lp_args)
-    return PolicyLogProbs(logp, routes, ent), kept
+        for k, idx in enumerate(micro + pads):
+            mb = select(packed, idx)
+            S = mb.ids.shape[1]
+            out = policy_logprobs(model, mb, None if replay is None else replay[idx, :S], entropy=True, **lp_args)
+            if k >= len(micro):
+                continue  # a padding pass
+            logp[idx, : mb.mask.shape[1]] = out.logp
+            ent += out.entropy_sum
+            if routes is not None:
+                routes[idx, :S] = out.routes.to(routes.dtype)
+    return PolicyLogProbs(logp, routes, ent)
 
 
 @dataclass(frozen=True)
@@ -516,82 +581,74 @@ class Update:
     gradient and steps the optimizer. Distributed, this rank's micro-batches; the sizes and stats stay global."""
 
     model: torch.nn.Module
-    packed: Packed
-    logp_old: torch.Tensor  # (N, T)
-    logp_infer: torch.Tensor  # (N, T)
-    adv: torch.Tensor  # (N,)
-    replay: torch.Tensor | None  # (N, S, L, K) experts to run (E7); None = the router's own choice
-    routes_old: torch.Tensor | None  # (N, S, L, K) θ_old's experts, to measure old-vs-current routing (no replay)
-    tok_mask: torch.Tensor  # (N, S)
+    batch: Batch
+    logp_old: torch.Tensor | None  # (N, T) θ_old's log-probs; None on-policy (the update's forward gives them)
+    routes_old: torch.Tensor | None  # (N, S, L, K) θ_old's experts (R2 replays them; else old-vs-current routing)
+    replay: str  # E7: whose experts the update runs (none | R2 | R3)
     loss: str
     hp: dict  # LossHP fields
     lp_args: dict  # policy_logprobs' sampling, chunk and checkpoint arguments
     truncated: bool  # top-p/top-k sampling: a moved policy may drop a sampled token from its support
     autocast: Callable  # () -> the context the forward runs in (bf16 autocast or nothing)
-    # the differentiated forward (packed, routes, **lp_args) (DDP's under torchrun); None: the model's own
-    forward: Callable[..., PolicyLogProbs] | None = None
+    forward: Callable[..., PolicyLogProbs]  # the differentiated forward (packed, routes, **lp_args) (DDP's)
     par: Parallel = field(default_factory=Parallel)  # one process unless given
 
+    @classmethod
+    def of(cls, cfg: Config, model, batch: Batch, forward: Callable | None = None, par: Parallel | None = None):
+        e, t = cfg.engine, cfg.train
+        lp_args = dict(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, chunk=t.logit_chunk,
+                       checkpoint=t.activation_checkpointing)
+        autocast = partial(torch.autocast, batch.adv.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+        return cls(model, batch, None, None, cfg.algo.replay, cfg.algo.loss, loss_hp(cfg), lp_args,
+                   e.top_p < 1 or e.top_k > 0, autocast, forward or partial(policy_logprobs, model), par or Parallel())
+
+    def at_old(self, old: PolicyLogProbs) -> Update:
+        """With θ_old known: the support guard. A token the engine sampled can lie outside the trainer's truncated
+        support (top-p/top-k with a non-fp32 engine): log π_old = -inf there; it is dropped from the loss."""
+        packed = self.batch.packed
+        packed = replace(packed, mask=packed.mask & torch.isfinite(old.logp))
+        return replace(self, batch=replace(self.batch, packed=packed), routes_old=old.routes,
+                       logp_old=old.logp.masked_fill(~packed.mask, 0.0))
+
     def run(self, mb: MiniBatch, stale: bool, probe: bool,
-            reuse: PolicyLogProbs | None = None) -> tuple[dict | None, dict]:
-        """(stats, E9 stats) after the backward passes; stats None when no token was left to learn from. `reuse`:
-        the forward of the (single) micro-batch at these weights, with its graph, run by `old_policy`."""
-        par = self.par
+            fill: PolicyLogProbs | None = None) -> tuple[dict | None, dict, float]:
+        """(stats, E9 stats, entropy sum) after the backward passes; stats None when no token was left to learn from.
+        `fill`: on-policy (θ = θ_old at the only update), θ_old's buffers: this forward's detached log-probs and
+        routes are written there and are logp_old (r == 1 exactly), and its entropy is returned."""
+        par, packed, b = self.par, self.batch.packed, self.batch
         # The loss divides by the mini-batch's token counts. They are mask's, unless the moved policy (a later
         # mini-batch, with truncation) dropped tokens: then they must be known before the first backward.
-        size = BatchSize.of(self.packed.mask[mb.idx])
-        may_drop = stale and self.truncated
-        if may_drop and (len(mb.micro) > 1 or par.active):
-            size = minibatch_size(self.packed.mask, mb.idx, mb.micro, self._supported(mb), par)
-        stats, fid = [], {}
+        size, keeps = BatchSize.of(packed.mask[mb.idx]), None
+        if stale and self.truncated:
+            keeps = self._supported(mb)
+            size = minibatch_size(packed.mask, mb.idx, mb.micro, keeps, par)
+        stats, fid, ent = [], {}, 0.0
         passes = mb.passes if par.active else len(mb.micro)
         for k in range(passes):
             mine = k < len(mb.micro)  # else a pass of weight 0 that keeps the ranks' collectives paired
             rows = mb.micro[k] if mine else mb.lead
             with par.accumulate(last=k == passes - 1):  # DDP: no_sync around forward and backward but the last
-                sub = select(self.packed, rows)
+                sub = select(packed, rows)
                 S, T = sub.ids.shape[1], sub.mask.shape[1]  # trimmed to these rows' longest sequence / response
-                if reuse is not None:
-                    cur = reuse  # the padding of `sub` is θ_old's own: select() trims the same rows the same way
-                else:
-                    with self.autocast():
-                        fwd = self.forward or partial(policy_logprobs, self.model)
-                        cur = fwd(sub, self._replay(rows, S), **self.lp_args)
+                with self.autocast():
+                    cur = self.forward(sub, self._replay(rows, S), entropy=fill is not None, **self.lp_args)
                 logp = cur.logp  # (n, T) log π_θ under the support rule of logp_old
-                # with top-p/top-k the moved policy may no longer include a sampled token (log π = -inf): drop it.
-                # Without truncation every log π is finite, and a NaN must reach the loss (and the NaN guard).
-                keep = sub.mask & torch.isfinite(logp.detach()) if may_drop else sub.mask  # (n, T)
-                if may_drop and len(mb.micro) == 1 and not par.active:
-                    size = minibatch_size(self.packed.mask, mb.idx, [rows], [keep])
+                if fill is not None and mine:
+                    fill.logp[rows, :T] = logp.detach()
+                    if fill.routes is not None:
+                        fill.routes[rows, :S] = cur.routes.to(fill.routes.dtype)
+                    ent += cur.entropy_sum
+                logp_old = logp.detach() if fill is not None else self.logp_old[rows, :T]  # (n, T)
+                # Without truncation every log π is finite, and a NaN must reach the loss (and the NaN guard)
+                keep = keeps[k] if keeps is not None and mine else sub.mask  # (n, T)
                 live = mine and bool(keep.any())
                 if not live and not par.active:
                     continue
                 if probe and k == 0:
-                    # E9 on a probed mini-batch (the most stale one, or each: train.fidelity_minibatches), on its first
-                    # micro-batch, at the weights its update sees: w = π/μ_old holds exactly the discrepancy and
-                    # staleness this gradient is computed under. Rows with Â = 0 add nothing to either gradient, so
-                    # the live rows give the cosine of the rows they belong to. Distributed: the same rows (a prefix of
-                    # each rank's first micro-batch), gradients summed.
-                    everyone = torch.ones_like(rows, dtype=torch.bool)
-                    sel = torch.isin(rows, mb.first) & live if par.active else everyone  # (n,) the probe rows
-                    # With Routing Replay (E7) the update differentiates the replayed policy: the probe rows are run
-                    # once more under the router's own choice, for the true objective's g_seq (the replay's bias). Also
-                    # for R2's first mini-batch, where both are π_θ: a check that costs one forward every k steps.
-                    own = None
-                    if self.replay is not None and bool(sel.any()):
-                        with self.autocast():  # the bare model: a gradient taken, never accumulated (no DDP hook)
-                            own = policy_logprobs(self.model, sub, None, **self.lp_args).logp[sel]  # (n_probe, T)
-                    elif self.replay is not None:  # no probe rows on this rank: it still joins E9's collectives
-                        own = logp.new_zeros(0, T)
-                    fid = diag.fidelity(logp[sel], self.logp_infer[rows, :T][sel], self.adv[rows][sel], keep[sel],
-                                        list(self.model.parameters()), retain_graph=True,
-                                        reduce=par.reduce if par.active else None,
-                                        logp_own=own,
-                                        mask_own=sub.mask[sel] if own is not None else None)
-                    del own  # its graph was freed by the g_seq backward; the tensor goes now, not after the updates
+                    fid = self._probe(mb, rows, sub, logp, keep, live)
                 if live:
-                    out = policy_loss(self.loss, logp, self.logp_old[rows, :T], self.logp_infer[rows, :T],
-                                      self.adv[rows], keep, batch=size, **self.hp)
+                    out = policy_loss(self.loss, logp, logp_old, b.logp_infer[rows, :T], b.adv[rows], keep,
+                                      batch=size, **self.hp)
                     # ×P: the ranks' gradients are averaged, and each loss is normalised by the global mini-batch
                     (out.loss * par.loss_scale() if par.active else out.loss).backward()
                 else:
@@ -601,26 +658,51 @@ class Update:
             if not live:
                 continue
             st = {**out.stats, "loss/policy": float(out.loss.detach())}
-            if stale and self.routes_old is not None and cur.routes is not None:  # at θ_old itself: 1 by construction
-                st |= diag.routing_agreement(self.routes_old[rows, :S], cur.routes, self.tok_mask[rows, :S],
+            if stale and self.replay == "none" and cur.routes is not None:  # at θ_old itself: 1 by construction
+                st |= diag.routing_agreement(self.routes_old[rows, :S], cur.routes, b.tok_mask[rows, :S],
                                              "route/old_vs_current")
             stats.append(st)
         if par.active:  # every rank's micro-batch stats, merged as one process merges its micro-batches'
             stats = [st for part in par.gather_objects(stats) for st in part]
-        return (_merge_micro(stats) if stats else None), fid
+        return (_merge_micro(stats) if stats else None), fid, ent
+
+    def _probe(self, mb: MiniBatch, rows: torch.Tensor, sub: Packed, logp: torch.Tensor, keep: torch.Tensor,
+               live: bool) -> dict:
+        """E9 on a probed mini-batch (the most stale one, or each: train.fidelity_minibatches), on its first
+        micro-batch, at the weights its update sees: w = π/μ_old holds exactly the discrepancy and staleness this
+        gradient is computed under. Rows with Â = 0 add nothing to either gradient, so the live rows give the cosine
+        of the rows they belong to. Distributed: the same rows (a prefix of each rank's first micro-batch), gradients
+        summed."""
+        par, T = self.par, logp.shape[1]
+        sel = torch.isin(rows, mb.first) & live if par.active else torch.ones_like(rows, dtype=torch.bool)  # (n,)
+        # With Routing Replay (E7) the update differentiates the replayed policy: the probe rows are run once more
+        # under the router's own choice, for the true objective's g_seq (the replay's bias). Also for R2's first
+        # mini-batch, where both are π_θ: a check that costs one forward every k steps.
+        own = None
+        if self.replay != "none" and bool(sel.any()):
+            with self.autocast():  # the bare model: a gradient taken, never accumulated (no DDP hook)
+                own = policy_logprobs(self.model, sub, None, **self.lp_args).logp[sel]  # (n_probe, T)
+        elif self.replay != "none":  # no probe rows on this rank: it still joins E9's collectives
+            own = logp.new_zeros(0, T)
+        return diag.fidelity(logp[sel], self.batch.logp_infer[rows, :T][sel], self.batch.adv[rows][sel], keep[sel],
+                             list(self.model.parameters()), retain_graph=True,
+                             reduce=par.reduce if par.active else None, logp_own=own,
+                             mask_own=sub.mask[sel] if own is not None else None)
 
     def _replay(self, rows: torch.Tensor, S: int) -> torch.Tensor | None:
-        return None if self.replay is None else self.replay[rows, :S]
+        """E7: the experts the update runs. R2 on-policy: θ_old's own choice is the router's, so none to replay."""
+        routes = {"none": None, "R2": self.routes_old, "R3": self.batch.routes_infer}[self.replay]
+        return None if routes is None else routes[rows, :S]
 
     def _supported(self, mb: MiniBatch) -> list[torch.Tensor]:
-        """The tokens of each micro-batch that the current policy still supports: a no-grad look ahead, needed only
-        for a stale mini-batch with truncated sampling split into several micro-batches (or over several ranks)."""
+        """The tokens of each micro-batch that the current policy still supports: the support guard of a stale
+        mini-batch with truncated sampling, a no-grad look ahead before its first backward."""
         out = []
         passes = mb.passes if self.par.lockstep else len(mb.micro)  # FSDP: as many forwards on every rank
         with torch.no_grad(), self.autocast():
             for k in range(passes):
                 rows = mb.micro[k] if k < len(mb.micro) else mb.lead
-                sub = select(self.packed, rows)
+                sub = select(self.batch.packed, rows)
                 lp = policy_logprobs(self.model, sub, self._replay(rows, sub.ids.shape[1]), **self.lp_args).logp
                 if k < len(mb.micro):
                     out.append(sub.mask & torch.isfinite(lp))

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from stablerl.algorithm import group_advantages
-from stablerl.config import ConfigError, load_config
+from stablerl.config import ConfigError, load_config, lr_at
 from stablerl.distributed import Parallel
 from stablerl.engine import Engine
 from stablerl.hf import get_model
@@ -60,16 +60,22 @@ def _learn(cfg, par: Parallel, rollouts) -> dict:
     opt = make_optimizer(model, cfg.train)
     grads = []
 
-    def record(j: int) -> None:
+    clip = par.grad_norm
+
+    def record_then_clip(params, max_norm):
+        # each mini-batch's gradient once complete (reduced over the ranks), before clipping: the trainer's own call
         g = {n: None if p.grad is None else p.grad for n, p in model.named_parameters()}
         grads.append({n: None if v is None else (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
                       for n, v in g.items()})
+        return clip(params, max_norm)
 
-    learner = Learner(cfg, model, forward, opt, tok.pad_id, torch.device("cpu"), par, after_backward=record)
+    par.grad_norm = record_then_clip
+    learner = Learner(cfg, model, forward, opt, tok.pad_id, torch.device("cpu"), par)
     metrics = []
     for step, ro in enumerate(rollouts):
         adv = group_advantages(REWARDS, cfg.algo.adv_mode).flatten()
-        m, attempted, skipped = learner.step(step, ro, adv, {})
+        m, attempted, skipped = learner.step(step, ro, adv, lr_at(step, cfg.train.lr, cfg.train.warmup_steps,
+                                                                  cfg.train.steps, cfg.train.lr_schedule), {})
         metrics.append(m)
     full = par.full_model(model)
     weights = None if full is None else {k: v.detach().clone() for k, v in full.state_dict().items()}
@@ -94,10 +100,11 @@ def _close(a: float, b: float, what: str) -> None:
     assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{what}: {a} (2 processes) vs {b} (1 process)"
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-@pytest.mark.parametrize("replay", ["none", "R3"])
-def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, parallel, replay):
-    overrides = [*SMALL, f"algo.replay={replay}", f"train.parallel={parallel}",
+# N = 1 (on-policy): θ_old of the live rows comes from each rank's update forward, summed over the ranks after it
+@pytest.mark.parametrize(("parallel", "replay", "n_mb"), [("ddp", "none", 2), ("fsdp", "none", 2), ("ddp", "R3", 2),
+                                                         ("fsdp", "R3", 2), ("ddp", "none", 1), ("fsdp", "R3", 1)])
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, parallel, replay, n_mb):
+    overrides = [*SMALL, f"algo.replay={replay}", f"train.parallel={parallel}", f"train.n_minibatches={n_mb}",
                  f"train.fidelity_every={1 if parallel == 'ddp' else 0}"]
     cfg = load_config(None, overrides)
     rollouts = _rollouts(cfg, steps=2)
@@ -105,8 +112,8 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, parallel, re
     out = tmp_path / "two.pt"
     mp.spawn(_worker, args=(2, _free_port(), overrides, rollouts, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
-    # both steps updated (2 mini-batches each) and did something
-    assert len(one["grads"]) == len(two["grads"]) == 4
+    # both steps updated (N mini-batches each) and did something
+    assert len(one["grads"]) == len(two["grads"]) == 2 * n_mb
     for s, (m1, m2) in enumerate(zip(one["metrics"], two["metrics"])):
         assert m1.keys() == m2.keys()
         for k in ("loss/policy", "grad/norm", "kl/k3", "entropy/mean", "clip/frac"):

@@ -1,18 +1,18 @@
 """Memory-flat training passes against the full computation: the chunked LM head (log-probs, entropy, gradients),
 micro-batches with gradient accumulation, and activation checkpointing."""
 
-from contextlib import nullcontext
 
 import pytest
 import torch
 
 from stablerl.algorithm import group_advantages
+from stablerl.config import load_config
 from stablerl.engine import Engine
 from stablerl.hf import get_model
 from stablerl.sampling import logprobs_from_logits
 from stablerl.sequences import pack, policy_logprobs, response_logits, select
 from stablerl.sft import sft_backward
-from stablerl.trainer import MiniBatch, Update, minibatch_size, old_policy
+from stablerl.trainer import Batch, MiniBatch, Update, minibatch_size, old_policy, seq_token_mask
 
 PROMPTS = ["Q: 12+34\n", "Q: 5+6+7\n", "Q: 1\n", "Q: 999+1\n"]
 
@@ -87,22 +87,17 @@ def test_micro_batched_update_equals_one_pass(rollout, loss):
     rewards = torch.tensor([float(i % 3 == 0) for i in range(N)]).view(len(PROMPTS), -1)
     adv = group_advantages(rewards).flatten()  # (N,)
     lp_args = dict(**sampling, chunk=4, checkpoint=False)
-    with torch.no_grad():
-        old, _ = old_policy(model, packed, [torch.arange(N)], None, lp_args)
-    logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)
-    mask = packed.mask & torch.isfinite(old.logp)
-    packed = select(packed, torch.arange(N))
-    packed = type(packed)(packed.ids, packed.resp_pos, packed.targets, mask, packed.prompt_lens, packed.resp_lens)
-    logp_old = old.logp.masked_fill(~mask, 0.0)
-    hp = dict(eps_low=0.2, eps_high=0.28, max_tokens=14, is_rule="none", is_trunc=2.0, is_low=0.5, is_high=2.0)
-    tok_mask = torch.ones(packed.ids.shape, dtype=torch.bool)
-    update = Update(model, packed, logp_old, logp_infer, adv, None, None, tok_mask, loss, hp, lp_args, True,
-                    nullcontext)
+    old = old_policy(model, packed, [torch.arange(N)], None, lp_args)
+    cfg = load_config(None, [f"algo.loss={loss}", "engine.top_p=0.95", "engine.max_new_tokens=14",
+                             "train.logit_chunk=4"])
+    logp_infer = ro.logp_infer[:, : packed.mask.shape[1]].masked_fill(~packed.mask, 0.0)  # (N, T)
+    update = Update.of(cfg, model, Batch(packed, logp_infer, None, adv, seq_token_mask(packed)))
+    update = update.at_old(old)
     rows = torch.arange(N)
     results = []
     for micro in ([rows], list(rows.split(5))):
         model.zero_grad()
-        st, _ = update.run(MiniBatch(rows, micro), stale=True, probe=False)
+        st, _, _ = update.run(MiniBatch(rows, micro), stale=True, probe=False)
         results.append((st["loss/policy"], _grads(model)))
     model.zero_grad()
     # micro-batches chunk the LM head differently: fp32 rounding (~1e-8 on per-token terms of order 1; the loss itself

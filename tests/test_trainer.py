@@ -177,11 +177,17 @@ def test_a_step_is_bad_when_every_mini_batch_it_tried_was_skipped(tmp_path):
     # the abort comes at the second step that tried anything, and one of the two skipped only part of its N = 4
     assert rows[-1]["step"] == bad[1]["step"] and len(bad) == 2
     assert any(r["guard/skipped_minibatches"] < 4 for r in bad)
+    # the end of the run, for the report: aborted at that step, and why
+    status = json.loads((tmp_path / "bad" / "status.json").read_text())
+    assert status == {"status": "aborted", "step": bad[1]["step"],
+                      "reason": f"2 steps in a row had a NaN/Inf loss or gradient (last at step {bad[1]['step']})"}
 
 
 def test_old_vs_current_routing_is_logged_only_when_measured(tmp_path):
     # N = 1: the one update runs at θ_old itself, so its routes agree with θ_old's by construction: not logged.
     one = _run(tmp_path, "n1", ["train.steps=2"])
+    assert json.loads((tmp_path / "n1" / "status.json").read_text()) == {"status": "finished", "step": 2,
+                                                                         "reason": "all 2 steps"}
     assert not any("route/old_vs_current/mean" in r for r in one)
     two = [r for r in _run(tmp_path, "n2", ["train.steps=2", "train.n_minibatches=2"]) if "loss/policy" in r]
     assert two and all(0 < r["route/old_vs_current/mean"] <= 1 for r in two)
@@ -226,3 +232,91 @@ def test_cuda_rl_steps_with_micro_batches_and_r3(tmp_path, dtype):
                                             "train.activation_checkpointing=true"])
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["guard/skipped_minibatches"] == 0 for r in steps)
+
+
+# ---- on-policy θ_old from the update's own forward (issue 29) -------------------------------------------------------
+
+
+def _onpolicy_setup(micro: int, diag_rows: int = 0):
+    from stablerl.engine import Engine
+    from stablerl.hf import get_model
+    from stablerl.trainer import Batch, Update, plan_step
+
+    cfg = load_config(None, ["train.batch_prompts=4", "train.group_size=3", f"train.micro_batch_size={micro}",
+                             f"train.diag_rows={diag_rows}", "engine.max_new_tokens=10"])
+    model, tok = get_model("tiny-moe", seed=0)
+    ro = Engine(model, tok, numerics="bf16").generate(["Q: 12+34\n", "Q: 5+6+7\n", "Q: 1\n", "Q: 9+1\n"], n=3,
+                                                      max_new_tokens=10, seed=1)
+    # groups 0 and 2 have signal, groups 1 and 3 do not (Â = 0: 6 rows no update runs)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0, 0, 0, -1.0, 0.5, 0.5, 0, 0, 0])
+    batch = Batch.of(ro, adv, tok.pad_id, torch.device("cpu"), model.is_moe)
+    plan = plan_step(cfg, 0, adv, Update.of(cfg, model, batch).par)
+    return cfg, model, batch, plan, Update.of(cfg, model, batch)
+
+
+def test_on_policy_logp_old_from_the_update_equals_a_separate_theta_old_pass():
+    # N = 1, micro-batches of 2 rows (6 live rows: 3 micro-batches): the update's own forwards give θ_old's log-probs
+    # and routes of every live row, equal to a separate no-grad θ_old pass over the same micro-batches (1e-6)
+    from stablerl.trainer import old_policy
+
+    cfg, model, batch, plan, update = _onpolicy_setup(micro=2)
+    mb = plan.batches[0]
+    assert plan.on_policy and len(mb.micro) == 3 and sum(len(r) for r in mb.micro) == 6
+    assert sorted(torch.cat(plan.old_micro).tolist()) == [3, 4, 5, 9, 10, 11]  # only Â = 0 rows get their own pass
+    ref = old_policy(model, batch.packed, mb.micro, None, update.lp_args)  # the separate pass, at θ_old
+    fill = old_policy(model, batch.packed, [], None, update.lp_args)  # empty buffers
+    model.zero_grad()
+    st, _, ent = update.run(mb, stale=False, probe=False, fill=fill)
+    model.zero_grad()
+    live = torch.cat(mb.micro)
+    torch.testing.assert_close(fill.logp[live], ref.logp[live], rtol=0, atol=1e-6)
+    assert torch.equal(fill.routes[live], ref.routes[live])
+    assert ent == pytest.approx(ref.entropy_sum, rel=1e-6)
+    assert st["is/staleness_min"] == 1.0 and st["is/staleness_max"] == 1.0  # r == 1 exactly: logp_old = logp
+
+
+def test_subsampled_diagnostics_equal_the_full_ones_when_every_row_is_scored():
+    from dataclasses import replace
+
+    from stablerl.trainer import Batch, diagnose, old_policy
+
+    cfg, model, batch, plan, update = _onpolicy_setup(micro=0)
+    old = old_policy(model, batch.packed, [torch.arange(12)], None, update.lp_args)
+    full = diagnose(batch, old, None, True)
+    ones = diagnose(batch, old, torch.ones(12), True)  # a "subsample" of every row, each standing for itself
+    assert ones.keys() == full.keys()
+    for k in full:
+        assert ones[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9), k
+    # train.diag_rows >= the rows with Â = 0 (or 0) scores every row: no weights at all
+    for k in (0, 6, 100):
+        assert _onpolicy_setup(micro=0, diag_rows=k)[3].weight is None
+    # diag_rows = 2 of the 6 Â = 0 rows: those 2 scored, each standing for 3; live rows weigh 1, the others 0
+    w = _onpolicy_setup(micro=0, diag_rows=2)[3].weight
+    assert sorted(w.tolist()) == [0.0] * 4 + [1.0] * 6 + [3.0] * 2 and float(w.sum()) == 12.0
+    # the weights are those of a mean over every row: scoring row 3 alone with weight 3 for rows 3, 4, 5 equals the
+    # full mean when rows 3-5 are the same row three times (hand check on kl/k1 with a row copied)
+    sub = torch.ones(12)
+    sub[[4, 5]] = 0.0
+    sub[3] = 3.0
+    copy = torch.tensor([0, 1, 2, 3, 3, 3, 6, 7, 8, 9, 10, 11])
+    p = batch.packed
+    b3 = Batch(type(p)(p.ids[copy], p.resp_pos[copy], p.targets[copy], p.mask[copy], p.prompt_lens[copy],
+                       p.resp_lens[copy]), batch.logp_infer[copy], batch.routes_infer[copy], batch.adv[copy],
+               batch.tok_mask[copy])
+    o3 = replace(old, logp=old.logp[copy], routes=old.routes[copy])
+    weighted = diagnose(batch, old, sub, True)
+    copied = diagnose(b3, o3, None, True)
+    for k in ("kl/k1", "kl/k3", "route/infer_vs_train/mean"):
+        assert weighted[k] == pytest.approx(copied[k], rel=1e-5), k
+
+
+def test_on_policy_micro_batched_run_with_subsampled_diagnostics(tmp_path):
+    # N = 1 with micro-batches of 3 rows and 2 scored rows with Â = 0: r == 1 exactly (logp_old is the update's own
+    # forward), and every diagnostic of θ_old is still logged
+    rows = [r for r in _run(tmp_path, "micro", ["train.steps=2", "engine.numerics=fp32", "train.micro_batch_size=3",
+                                                "train.diag_rows=2"]) if "is/staleness_max" in r]
+    assert rows
+    for r in rows:
+        assert r["is/staleness_min"] == 1.0 and r["is/staleness_max"] == 1.0 and r["clip/frac"] == 0.0
+        assert abs(r["is/discrepancy_max"] - 1) < 1e-3 and r["kl/k3"] < 1e-5 and r["entropy/mean"] > 0
+        assert r["route/infer_vs_train/mean"] == 1.0 and r["guard/outside_support_frac"] == 0.0
