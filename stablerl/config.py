@@ -83,6 +83,9 @@ class TrainConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # abort after this many NaN/Inf steps in a row
+    # stop (after a checkpoint) once the run's peak resident set reaches this fraction of the machine's memory (its
+    # cgroup limit, else MemTotal), naming the settings to lower, instead of being killed by the OOM killer (0 = off)
+    max_rss_frac: float = 0.9
     samples_per_eval: int = 4  # prompts/completions written to samples.jsonl at each eval
     # early warning (stablerl.warning): rules '<metric><op><threshold>', e.g. kl/k3>0.01, route/cross_step/mean<0.97;
     # one warning per excursion, printed and logged as warn/<metric>; which signals lead collapse: docs/results
