@@ -98,5 +98,4 @@ def over_limit(m: dict, frac: float, limit: Limit | None, cfg) -> str | None:
     t, e = cfg.train, cfg.engine
     return (f"resident memory peaked at {peak:.1f} GiB, train.max_rss_frac={frac:g} of the {limit.gib:.1f} GiB "
             f"limit ({limit.source}): lower train.micro_batch_size (now {t.micro_batch_size or 'all rows'}), "
-            f"train.batch_prompts (now {t.batch_prompts}) or engine.max_new_tokens (now {e.max_new_tokens}), "
-            "then --resume")
+            f"train.batch_prompts (now {t.batch_prompts}) or engine.max_new_tokens (now {e.max_new_tokens})")
