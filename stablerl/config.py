@@ -80,9 +80,12 @@ class TrainConfig:
     group_size: int = 8  # G
     n_minibatches: int = 1  # N; 1 = on-policy
     dtype: Literal["fp32", "bf16"] = "fp32"  # training forward: bf16 = autocast, weights and Adam state stay fp32
-    micro_batch_size: int = 0  # rows per forward/backward inside each E8 mini-batch, gradients accumulated (0 = all)
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward (RL and SFT): less memory
-    logit_chunk: int = 0  # response tokens per LM-head chunk, RL and SFT (0 = ~64 MiB of fp32 logits): flat in V
+    # memory knobs (the same math up to float summation order): a run stopped by train.max_rss_frac resumes with less
+    micro_batch_size: int = field(default=0, metadata=RESUMABLE)  # rows per forward/backward in an E8 mini-batch,
+    # gradients accumulated (0 = all)
+    activation_checkpointing: bool = field(default=False, metadata=RESUMABLE)  # recompute each layer in backward
+    logit_chunk: int = field(default=0, metadata=RESUMABLE)  # response tokens per LM-head chunk (0 = ~64 MiB of fp32
+    # logits): flat in V
     lr: float = 8e-5  # peak; 1e-4 at a constant rate broke the 2026-11-25 cold start at B=16 (docs/log.md)
     warmup_steps: int = 10  # linear warmup: Adam's first steps move every weight by ~lr
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # after warmup; cosine ends at 10% of lr
@@ -104,6 +107,9 @@ class TrainConfig:
     save_every: int = field(default=10, metadata=RESUMABLE)
     keep_checkpoints: int = field(default=2, metadata=RESUMABLE)
     max_bad_steps: int = field(default=3, metadata=RESUMABLE)  # abort after this many NaN/Inf steps in a row
+    # stop (after a checkpoint) once the run's peak resident set reaches this fraction of the machine's memory (its
+    # cgroup limit, else MemTotal), naming the settings to lower, instead of being killed by the OOM killer (0 = off)
+    max_rss_frac: float = field(default=0.9, metadata=RESUMABLE)
     samples_per_eval: int = field(default=4, metadata=RESUMABLE)  # prompts/completions to samples.jsonl per eval
     # early warning (stablerl.warning): rules '<metric><op><threshold>', e.g. kl/k3>0.01, route/cross_step/mean<0.97;
     # one warning per excursion, printed and logged as warn/<metric>; which signals lead collapse: docs/results

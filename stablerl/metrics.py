@@ -34,6 +34,7 @@ WHEN = {
     "moe_cross": "every RL step of an MoE model with train.cross_step_rows > 0",
     "warn": "the step a train.warn_on rule fires",
     "sft": "every SFT step",
+    "linux": "every RL step where /proc/self/status exists (Linux)",
 }
 
 
@@ -148,6 +149,8 @@ METRICS: list[Metric] = [
     Metric("time/updates", "seconds in the N mini-batch updates"),
     Metric("time/sync", "seconds syncing the new weights into the engine"),
     Metric("time/step", "seconds of the whole step", sft=True, summary=("seconds_per_step",)),
+    Metric("mem/rss_gib", "resident memory of the process after the step released its heap (GiB)", "linux"),
+    Metric("mem/peak_gib", "the run's peak resident memory so far (GiB; train.max_rss_frac watches it)", "linux"),
     Metric("sft/loss", "SFT response-token cross-entropy", "sft", label="response-token CE", panel=_SFT),
     Metric("sft/lr", "SFT learning rate", "sft"),
     Metric("sft/grad_norm", "SFT gradient norm before clipping", "sft"),

@@ -33,6 +33,7 @@ from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.hf import get_model
+from stablerl.memory import memory_limit, over_limit, release, step_metrics
 from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
 from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
@@ -54,6 +55,7 @@ class TrainResult:
     seconds: float
     initial_length: float | None = None  # mean greedy response tokens on the held-out set
     final_length: float | None = None
+    peak_rss_gib: float | None = None  # the run's largest resident set (mem/peak_gib), None off Linux
 
 
 def _gen(seed: int, step: int, salt: int) -> torch.Generator:
@@ -147,6 +149,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
                 monitor.watch.check(row)
     done = start
     t_start = time.perf_counter()
+    mem_limit = memory_limit()  # the guard's reference (train.max_rss_frac)
 
     def run_eval(step: int) -> dict[str, float]:
         # held-out accuracy of the policy itself (fp32), not of the sampler's copy; built per eval, not kept. Every
@@ -216,15 +219,21 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
             done = step + 1
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 m |= run_eval(done)
+            release()  # the step's freed heap back to the OS: glibc keeps it otherwise (issue 31, stablerl.memory)
+            m |= step_metrics()  # mem/rss_gib, mem/peak_gib of this process (rank 0's row is logged)
             m = par.broadcast(m)  # rank 0's row (its timings, its eval): every rank then takes the same decisions
             checkpoint, stop = monitor.warn(done, m, console.print)
+            oom = over_limit(m, t.max_rss_frac, mem_limit, cfg)  # near the machine's memory: checkpoint and stop
             log(done, m)
-            if (t.save_every and done % t.save_every == 0) or done == t.steps or checkpoint:
+            if (t.save_every and done % t.save_every == 0) or done == t.steps or checkpoint or oom:
                 save(run_dir, done, model, tok, opt, {"bad_in_row": monitor.bad_in_row}, t.keep_checkpoints, par)
             progress.update(bar, advance=1, info=_line(m))
             if stop:
                 console.print(f"[yellow]stopped at step {done} by train.on_warning=stop; the checkpoint of step "
                               f"{done} is in {run_dir / 'checkpoints'}[/yellow]")
+                break
+            if oom:
+                console.print(f"[red]stopped at step {done} (checkpoint in {run_dir / 'checkpoints'}): {oom}[/red]")
                 break
     seconds = time.perf_counter() - t_start
     if writer is None:
@@ -236,8 +245,9 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    peaks = [r["mem/peak_gib"] for r in rows if "mem/peak_gib" in r]
     return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"), seconds,
-                       first.get("eval/mean_length"), last.get("eval/mean_length"))
+                       first.get("eval/mean_length"), last.get("eval/mean_length"), max(peaks, default=None))
 
 
 @dataclass
@@ -760,4 +770,6 @@ def _line(m: dict) -> str:
              f"clip {m.get('clip/frac', 0):.3f}", f"{m.get('time/step', 0):.1f}s"]
     if "eval/accuracy" in m:
         parts.append(f"eval {m['eval/accuracy']:.1%}")
+    if "mem/rss_gib" in m:
+        parts.append(f"rss {m['mem/rss_gib']:.1f}G (peak {m['mem/peak_gib']:.1f}G)")
     return "  ".join(parts)

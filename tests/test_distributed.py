@@ -170,7 +170,7 @@ def _train_cmd(tmp_path, name, nproc, *extra):
 
 
 def _strip(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in rows]
 
 
 @pytest.mark.slow

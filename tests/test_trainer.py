@@ -150,7 +150,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr
 
     def strip(rows):
-        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+        return [{k: v for k, v in row.items() if not k.startswith(("time/", "mem/"))} for row in rows]
 
     straight = strip(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
     resumed = strip(read_metrics(tmp_path / "killed" / "metrics.jsonl"))

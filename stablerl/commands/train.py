@@ -56,6 +56,7 @@ def run(args) -> int:
     res = train(cfg, resume=args.resume, show_progress=not args.no_progress, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         acc = "-" if res.final_accuracy is None else f"{res.final_accuracy:.1%}"
+        peak = "" if res.peak_rss_gib is None else f", peak RSS {res.peak_rss_gib:.2f} GiB"
         Console().print(f"[bold]train[/bold] {cfg.name}: {res.steps} steps, held-out accuracy {acc}, "
-                        f"{res.seconds:.0f}s -> {res.run_dir}")
+                        f"{res.seconds:.0f}s{peak} -> {res.run_dir}")
     return 0

@@ -1,0 +1,102 @@
+"""Host memory of a run: the resident set per step (`mem/rss_gib`, `mem/peak_gib`), handing freed heap back to the
+OS after each step, and the guard that stops a run before the kernel's OOM killer does (train.max_rss_frac).
+
+Why `release` (issue 31, docs/log.md 2026-12-06): a step's CPU tensors (activations of a 128-row forward, the E9
+probe's flat gradients, the engine's fresh weight copy at each sync, the eval engine's KV cache) are freed when the
+step ends, but glibc's malloc keeps most of that memory: blocks below its mmap threshold (which glibc raises up to
+32 MiB each time a larger mmapped block is freed) live in heaps it trims only from the top, so every step's
+different shapes leave freed, still-resident holes. On SmolLM2-135M (B=16, G=8) the resident set then climbed from
+4.5 GiB to 24 GiB in 30 steps while the live tensors stayed the same. `malloc_trim(0)` returns every free page of
+every arena to the OS (madvise), so the next step starts from the live set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+
+
+def _status_kib(field: str, path: str = "/proc/self/status") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_gib() -> float | None:
+    """The process's resident set now (VmRSS), GiB; None where /proc is not there (not Linux)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024 / GIB
+
+
+def peak_gib() -> float | None:
+    """The process's largest resident set so far (VmHWM: the high-water mark, inside steps too), GiB; None off Linux."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024 / GIB
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name)
+    except (OSError, TypeError):
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None  # glibc only (musl and macOS have none)
+
+
+def release() -> bool:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim(0)`); False where there is no glibc. Costs a
+    few ms per step (a walk over the free lists)."""
+    lib = _libc()
+    return bool(lib is not None and lib.malloc_trim(0))
+
+
+@dataclass(frozen=True)
+class Limit:
+    gib: float
+    source: str  # "cgroup memory.max" | "cgroup v1 limit" | "MemTotal"
+
+
+def memory_limit(root: Path = Path("/")) -> Limit | None:
+    """The memory this process may use: its cgroup's limit when one is set and below the machine's, else MemTotal;
+    None when neither is readable."""
+    total = _status_kib("MemTotal", str(root / "proc/meminfo"))
+    best = None if total is None else Limit(total * 1024 / GIB, "MemTotal")
+    for rel, source in (("sys/fs/cgroup/memory.max", "cgroup memory.max"),
+                        ("sys/fs/cgroup/memory/memory.limit_in_bytes", "cgroup v1 limit")):
+        try:
+            raw = (root / rel).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and (best is None or int(raw) / GIB < best.gib):
+            best = Limit(int(raw) / GIB, source)
+    return best
+
+
+def step_metrics() -> dict[str, float]:
+    """`mem/rss_gib` (now, after the step's memory was released) and `mem/peak_gib` (the run's peak so far)."""
+    rss, peak = rss_gib(), peak_gib()
+    return {} if rss is None or peak is None else {"mem/rss_gib": rss, "mem/peak_gib": peak}
+
+
+def over_limit(m: dict, frac: float, limit: Limit | None, cfg) -> str | None:
+    """The one line that stops the run when its peak resident set reached `frac` of `limit`, naming the settings that
+    shrink a step (their values now), else None. `frac` 0 turns the guard off."""
+    peak = m.get("mem/peak_gib")
+    if not frac or limit is None or peak is None or peak < frac * limit.gib:
+        return None
+    t, e = cfg.train, cfg.engine
+    return (f"resident memory peaked at {peak:.1f} GiB, train.max_rss_frac={frac:g} of the {limit.gib:.1f} GiB "
+            f"limit ({limit.source}): resume (--resume) with a lower train.micro_batch_size (now "
+            f"{t.micro_batch_size or 'all rows'}) or train.activation_checkpointing=true, or start again with fewer "
+            f"train.batch_prompts (now {t.batch_prompts}) or engine.max_new_tokens (now {e.max_new_tokens})")
