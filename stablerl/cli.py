@@ -20,6 +20,7 @@ from stablerl.errors import UserError, describe_os_error, one_line
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("stablerl.commands.quickstart", "cold-start SFT then RL on the default tiny MoE, with a summary"),
     "train": ("stablerl.commands.train", "RL training from a YAML config plus key=value overrides"),
+    "convert": ("stablerl.commands.convert", "a GGUF file (or `smollm2`) to an fp32 HF checkpoint directory"),
     "info": ("stablerl.commands.info", "build or load a model, report its size and run a forward pass"),
     "config": ("stablerl.commands.config", "print the resolved config (defaults + YAML + overrides)"),
     "sft": ("stablerl.commands.sft", "cold-start supervised fine-tuning on a task's solution traces"),

@@ -75,12 +75,18 @@ def _write(model: Transformer, directory: Path, tokenizer, max_shard_bytes: int)
 
 
 def resolve_dir(name: str | Path) -> Path:
-    """A local directory, or a hub id (e.g. `Qwen/Qwen3-0.6B`) fetched with huggingface_hub when installed."""
+    """A local directory, a GGUF file or alias (`smollm2`: converted once into a cache, stablerl.convert), or a hub id
+    (e.g. `Qwen/Qwen3-0.6B`) fetched with huggingface_hub when installed."""
+    from stablerl.convert import ALIASES, is_gguf, resolve_gguf
+
     p = Path(name)
     if p.is_dir():
         return p
+    if str(name) in ALIASES or str(name).endswith(".gguf") or is_gguf(p):
+        return resolve_gguf(name)
     if p.exists():
-        raise UserError(f"{p}: expected a checkpoint directory (config.json + *.safetensors), got a file")
+        raise UserError(f"{p}: expected a checkpoint directory (config.json + *.safetensors) or a .gguf file, "
+                        "got another file")
     if str(name).count("/") == 1 and not str(name).startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
@@ -93,7 +99,7 @@ def resolve_dir(name: str | Path) -> Path:
             raise UserError(f"{name}: not a local directory, and the hub download failed "
                             f"({type(e).__name__}: {one_line(e)[:200]})") from None
     raise UserError(f"{name}: no such checkpoint directory; expected a preset ({', '.join(PRESETS)}), a directory "
-                    "with config.json + *.safetensors, or a hub id")
+                    f"with config.json + *.safetensors, a .gguf file, {', '.join(ALIASES)} or a hub id")
 
 
 # config.json keys without which the computation is undefined (the rest have HF's defaults)

@@ -1,9 +1,9 @@
 """Built-in synthetic math tasks: problems with step-by-step solution traces, generated from a seed.
 
-Made for the tiny char-level default model: printable ASCII and newlines only, prompts under ~24 characters,
-traces under ~60, so cold-start SFT and RL both fit in minutes on a CPU. Each problem comes with three
-SFT responses (`Example.traces`), one per trace style, all ending in an `Answer: ...` line that the
-task's reward function (`Task.reward`, a name for `rewards.score`) scores 1:
+Made for the tiny char-level default model (except `add_qa`, a plain question for pretrained chat models):
+printable ASCII and newlines only, prompts under ~24 characters, traces under ~60, so cold-start SFT and RL both fit
+in minutes on a CPU. Each problem comes with three SFT responses (`Example.traces`), one per trace style, all ending
+in an `Answer: ...` line that the task's reward function (`Task.reward`, a name for `rewards.score`) scores 1:
 
     long    the full scratchpad (every column / algebra step / combination)
     short   a compressed scratchpad (column sums / the one key step / the checked expression)
@@ -170,12 +170,29 @@ def countdown(rng: random.Random, n_numbers: int = 4, max_number: int = 10, ops:
                     f"ops={ops!r}, target_max={target_max}")
 
 
+# ---- add_qa: "What is a + b?" for pretrained chat models ------------------------------------------------------------
+
+
+def add_qa(rng: random.Random, digits: int = 2) -> Problem:
+    """`What is 37 + 48?` → 37 + 48 = 85. A question as a user would type it, for a pretrained instruct model
+    prompted through its chat template (task.chat_template=true), not for the char-level tiny model. The `math`
+    reward reads the answer as such a model gives it: a \\boxed{} or `Answer:` line when it writes one, else the last
+    number of its reply ("23 + 58 = 81." -> 81), checked numerically (math-verify for anything else). SmolLM2-135M-
+    Instruct, greedy, gets 2-digit sums right ~6% of the time: RL has room (recipes/smollm2.yaml)."""
+    _check(type(digits) is int and 1 <= digits <= 6, "add_qa", f"digits must be an integer in 1..6, got {digits!r}")
+    lo, hi = (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    eq = f"{a} + {b} = {a + b}"
+    return Problem(f"{min(a, b)}+{max(a, b)}", f"What is {a} + {b}?", str(a + b), [eq], [eq], str(a + b))
+
+
 # ---- registry ------------------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, tuple[Callable[..., Problem], str]] = {
     "arith": (arith, "math"),
     "linear": (linear, "math"),
     "countdown": (countdown, "countdown"),
+    "add_qa": (add_qa, "math"),
 }
 TASKS = tuple(_REGISTRY)
 
