@@ -103,7 +103,8 @@ def trl_side(args, cfg, model_dir: str, chat: bool, tmp: Path) -> dict:
         epsilon_high=cfg.algo.eps_high, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip,
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        fp16=False, shuffle_dataset=False, router_aux_loss_coef=0.0, seed=0, dataloader_num_workers=0, log_completions=False)
+        fp16=False, shuffle_dataset=False, router_aux_loss_coef=0.0, seed=0, dataloader_num_workers=0,
+        log_completions=False)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=conf, train_dataset=data, processing_class=tok)
     phases: list[dict] = []
     lengths: list[float] = []
