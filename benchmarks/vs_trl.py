@@ -142,7 +142,6 @@ def trl_side(args, cfg, model_dir: str, chat: bool, tmp: Path) -> dict:
     steady = steps[args.warmup:]
     per_step = {k: statistics.mean(s[k] for s in steady) for k in steady[0]}
     tokens = statistics.mean(lengths[args.warmup:]) * args.B * args.G if len(lengths) == len(steps) else None
-    # do both sides see the same prompt ids? (TRL tokenises / applies the chat template itself)
     return {"warmup_steps": steps[:args.warmup], "steady_mean": per_step, "steady_steps": steady,
             "response_tokens_per_step": tokens,
             "response_tokens_per_s": tokens / per_step["time/step"] if tokens else None,
