@@ -177,6 +177,28 @@ def test_same_seed_same_samples_and_n_samples_are_prompt_major(moe):
     assert len({tuple(a.tokens[i].tolist()) for i in range(4)}) > 1  # the n samples of a prompt differ
 
 
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_shared_prefill_equals_per_sample_prefill(moe, numerics):
+    # issue 29: generate(prompts, n=G) prefills each prompt once and copies its KV to its G rows. The per-sample way
+    # is the public API itself: each prompt repeated G times with n=1 is prefilled G times, row by row, and gives
+    # the same prompt-major rows, so the sampler's draws (one (N, V) uniform block per decode step, rows dropped
+    # at the same steps) line up draw for draw: same tokens, and log-probs equal up to the GEMM's batch size
+    # (B vs B*G prefill rows), 1e-6 in fp32. No test-only hook in the engine is needed.
+    model, tok = moe
+    G = 4
+    eng = Engine(model, tok, numerics=numerics)
+    shared = eng.generate(PROMPTS, n=G, max_new_tokens=24, seed=3)
+    per_sample = eng.generate([p for p in PROMPTS for _ in range(G)], n=1, max_new_tokens=24, seed=3)
+    assert torch.equal(shared.tokens, per_sample.tokens) and torch.equal(shared.mask, per_sample.mask)
+    assert shared.texts == per_sample.texts and shared.finish_reason == per_sample.finish_reason
+    assert shared.prompt_ids == per_sample.prompt_ids
+    torch.testing.assert_close(shared.logp_infer, per_sample.logp_infer, rtol=0, atol=1e-6)
+    assert torch.equal(shared.routes_infer, per_sample.routes_infer)
+    assert all(torch.equal(a, b) for a, b in zip(shared.prompt_routes, per_sample.prompt_routes))
+    assert shared.mask.sum(1).min() < shared.mask.sum(1).max()  # rows finished at different steps (dropped rows)
+    assert len({tuple(shared.tokens[i].tolist()) for i in range(G)}) > 1  # the G copies of one cache diverge
+
+
 def test_sampling_frequencies_match_the_truncated_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).expand(40000, 5)
     gen = torch.Generator().manual_seed(0)
