@@ -111,3 +111,21 @@ def _normal_quantile(p: float) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if 0.5 * math.erfc(-mid / math.sqrt(2)) < p else (lo, mid)
     return (lo + hi) / 2
+
+
+def welch_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
+    """mean(a) - mean(b) and Welch's t interval (unequal variances, Welch-Satterthwaite degrees of freedom); with
+    fewer than 2 values on a side the interval is unbounded, with no spread on either side it is the point itself."""
+    if not a or not b:
+        raise ValueError("welch_ci: both samples need values")
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    d = ma - mb
+    if len(a) < 2 or len(b) < 2:
+        return Interval(d, -math.inf, math.inf, len(a) + len(b))
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)  # squared standard errors
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    if va + vb == 0:
+        return Interval(d, d, d, len(a) + len(b))
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile(0.5 + level / 2, df) * math.sqrt(va + vb)
+    return Interval(d, d - half, d + half, len(a) + len(b))

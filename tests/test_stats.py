@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stablerl.stats import fisher_exact, mean_ci, t_cdf, t_quantile, wilson
+from stablerl.stats import fisher_exact, mean_ci, t_cdf, t_quantile, welch_ci, wilson
 
 
 def test_fisher_exact_hand_computed():
@@ -50,3 +50,13 @@ def test_wilson_hand_computed():
     half = math.sqrt(z2) * math.sqrt(p * (1 - p) / 9 + z2 / 324) / (1 + z2 / 9)
     w = wilson(5, 9)
     assert w.low == pytest.approx(centre - half, abs=1e-6) and w.high == pytest.approx(centre + half, abs=1e-6)
+
+
+def test_welch_ci_hand_computed():
+    # equal sd 0.02, n 3 each: se² = 2·0.0004/3, df = 4 exactly, t(0.975, 4) = 2.776445; d = 0.2
+    ci = welch_ci([0.90, 0.92, 0.94], [0.70, 0.72, 0.74])
+    half = 2.776445 * math.sqrt(2 * 0.0004 / 3)
+    assert ci.mean == pytest.approx(0.2) and ci.low == pytest.approx(0.2 - half, abs=1e-6)
+    assert ci.high == pytest.approx(0.2 + half, abs=1e-6)
+    assert welch_ci([0.5, 0.5], [0.4, 0.4]).low == pytest.approx(0.1)  # no spread: the point itself
+    assert math.isinf(welch_ci([0.5], [0.4, 0.3]).low)

@@ -406,6 +406,9 @@ def fair_markdown(rows: list[FairRow], runs: list[CellCurve]) -> str:
             "it is a warning only if, held out, it raises no more false alarms and detects more collapses (or as many, "
             "earlier). Lead: "
             "collapse step - first alarm (the config baseline fires at step 1).\n\n")
+    if n_col < 2 or len({r.cell for r in runs if r.curve.collapse_step is not None}) < 2:
+        return head + ("Fewer than 2 collapsed runs, or collapses in one cell only: no threshold can be chosen on "
+                       "other cells and scored on a collapse. No signal can be judged from these runs.\n")
     lines = ["| signal | detected | false alarms | J | median lead (range) | within-cell detected | within-cell "
              "false alarms | within-cell J | warning? | rules chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
