@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from stablerl.errors import UserError, describe_os_error, one_line
@@ -89,9 +90,11 @@ def gguf_architecture(path: Path) -> str:
         raise UserError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {one_line(e)[:200]})") from None
 
 
-def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def convert(src: str | Path, out: str | Path, overwrite: bool = False,
+            check: Callable[[Path], object] | None = None) -> Path:
     """Dequantise the GGUF file `src` to an fp32 HF checkpoint directory `out` (written atomically; an existing `out`
-    is replaced only with `overwrite`)."""
+    is replaced only with `overwrite`). `check` reads the written directory before it takes its final name
+    (stablerl.hf.load_model: this module sits below hf, so the caller passes it)."""
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; choose another output directory or pass --overwrite")
@@ -137,9 +140,8 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             {"source": str(src.resolve()), "sha256": _sha256(src), "gguf_architecture": arch,
              "transformers": transformers.__version__, "gguf": version("gguf")}, indent=2))
         del model, state
-        from stablerl.hf import load_model
-
-        load_model(tmp)  # stablerl reads what it wrote (config keys, shapes), before it takes the final name
+        if check is not None:
+            check(tmp)  # stablerl reads what it wrote (config keys, shapes), before it takes the final name
         if out.exists() and overwrite:
             shutil.rmtree(out)
         os.replace(tmp, out)  # fails when another process has just written `out` (resolve_gguf then uses theirs)
@@ -151,8 +153,9 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def resolve_gguf(name: str | Path, log=print) -> Path:
-    """The converted checkpoint directory for a `.gguf` path or an alias, converting it into the cache once."""
+def resolve_gguf(name: str | Path, log=print, check: Callable[[Path], object] | None = None) -> Path:
+    """The converted checkpoint directory for a `.gguf` path or an alias, converting it into the cache once
+    (`check`: as in `convert`)."""
     src = alias_gguf(str(name)) if str(name) in ALIASES else Path(name)
     arch = gguf_architecture(src)  # the cheap checks (file, magic, extra) before hashing
     digest = _sha256(src)
@@ -162,7 +165,7 @@ def resolve_gguf(name: str | Path, log=print) -> Path:
     if log is not None:
         log(f"converting {src} ({arch}) to an fp32 checkpoint in {out} (once; the result is cached)")
     try:
-        return convert(src, out)
+        return convert(src, out, check=check)
     except UserError:
         if (out / "config.json").is_file():  # another process converted it at the same time: use theirs
             return out

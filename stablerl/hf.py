@@ -83,7 +83,7 @@ def resolve_dir(name: str | Path) -> Path:
     if p.is_dir():
         return p
     if str(name) in ALIASES or str(name).endswith(".gguf") or is_gguf(p):
-        return resolve_gguf(name)
+        return resolve_gguf(name, check=load_model)
     if p.exists():
         raise UserError(f"{p}: expected a checkpoint directory (config.json + *.safetensors) or a .gguf file, "
                         "got another file")

