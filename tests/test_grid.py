@@ -203,13 +203,13 @@ def test_plan_for_each_run_directory_state(tmp_path):
     assert p.action == "conflict" and "train.lr (was 8e-05, now 0.0003)" in p.reason
     # a run made before a key existed (its config.yaml lacks it) is the same run while the key keeps its default
     saved = yaml.safe_load((base[1].run_dir / "config.yaml").read_text())
-    del saved["train"]["micro_batch_size"]
+    del saved["train"]["dtype"]
     (base[1].run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     assert plan_run(base[1]).action == "resume"
-    later = [r for r in expand(load_study(_study(tmp_path)), tmp_path / "out", ["train.micro_batch_size=2"],
+    later = [r for r in expand(load_study(_study(tmp_path)), tmp_path / "out", ["train.dtype=bf16"],
                                cells=["base"])
              if r.seed == base[1].seed][0]
-    assert "train.micro_batch_size (was absent, now 2)" in plan_run(later).reason
+    assert "train.dtype (was absent, now 'bf16')" in plan_run(later).reason
     # ...but a cold start ignores RL-only keys, and only counts as built with sft.json and its model
     cold = next(r for r in expand(other, tmp_path / "out", cells=["warm"]) if r.kind == "sft")
     save_config(runs["demo/cold/short"].config, cold.run_dir / "config.yaml")

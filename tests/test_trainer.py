@@ -136,8 +136,12 @@ def test_cli_smoke_writes_a_complete_run_dir(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     args = ["train.steps=5", "train.save_every=1", "train.keep_checkpoints=10", *TINY]
-    _run(tmp_path, "straight", args)
-    cmd = [sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}", "name=killed", *args]
+    # both runs in a subprocess of the same environment: an in-process run would take the pytest process's torch
+    # thread count, which any earlier test may have changed (other float sums, other samples)
+    cmd = [sys.executable, "-m", "stablerl", "train", "--no-progress", f"out_dir={tmp_path}", *args]
+    r = subprocess.run(cmd + ["name=straight"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    cmd = cmd + ["name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=ENV)
     ck = tmp_path / "killed" / "checkpoints" / "step_000002"
     deadline = time.time() + 240
