@@ -246,6 +246,8 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     assert "| mix | long:0.5,answer:0.5 | 33.0% |" in md and "**collapsed**: smoothed reward" in md
     # two runs collapsed: the early-warning section ranks the signals (tests/test_leadtime.py pins the numbers)
     assert "## Early warning" in md and "8 runs, 2 collapsed; thresholds chosen on 4 runs (1 collapsed)" in md
+    # judged fairly (leave-one-cell-out): both collapses are in one cell, so no threshold can be scored on a collapse
+    assert "8 runs in 3 cells, 2 collapsed" in md and "No signal can be judged from these runs." in md
     pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
     assert pngs == ["F2.png", "F3.png"] and "![F2](F2.png)" in md and "![F3](F3.png)" in md
     assert all((tmp_path / "rep" / p).read_bytes().startswith(PNG) for p in pngs)

@@ -22,7 +22,7 @@ from stablerl.errors import UserError
 from stablerl.metrics import METRIC, METRICS, read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
 from stablerl.study.definition import Study, load_study
-from stablerl.study.leadtime import Curve, markdown, rank_signals
+from stablerl.study.leadtime import CellCurve, Curve, fair_markdown, judge_fairly, markdown, rank_signals
 from stablerl.study.summary import (
     FINISHED,
     REPLAY_STATS,
@@ -246,9 +246,10 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
             md.append(f"| {d.name} | {s.get('style', '-')} | {100 * s.get('heldout_accuracy', math.nan):.1f}% |")
         md.append("")
     # finished runs only: a run still going has not had its chance to collapse, and would count as a stable one
-    md += early_warning([Curve(s["run"], s["collapse"]["step"] if s["collapse"]["collapsed"] else None,
-                               read_metrics(f.run_dir / "metrics.jsonl")) for f, s in zip(runs, summaries)
-                         if s["status"] in FINISHED])
+    md += early_warning([CellCurve(Curve(s["run"], s["collapse"]["step"] if s["collapse"]["collapsed"] else None,
+                                         read_metrics(f.run_dir / "metrics.jsonl")),
+                                   s["cell"], tuple(sorted(s["config"].items())))
+                         for f, s in zip(runs, summaries) if s["status"] in FINISHED])
     md += ["## Runs", "", "| run | status | steps | initial acc % | final acc % | collapse |",
            "|---|---|---|---|---|---|"]
     for s in done:
@@ -369,17 +370,23 @@ def _fmt(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:.1e}" if abs(x) < 0.01 else f"{x:.3f}"
 
 
-def early_warning(curves: list[Curve]) -> list[str]:
+def early_warning(runs: list[CellCurve]) -> list[str]:
     """The report's early-warning section (stablerl.study.leadtime): which signal crossed a threshold before the
-    collapse rule fired, how many steps before, and how often on runs that did not collapse; empty without any
-    collapse."""
+    collapse rule fired, how many steps before, and how often on runs that did not collapse, first split by halves
+    of the runs, then judged fairly (whole cells held out, against the reward-drop and config-only baselines);
+    empty without any collapse."""
+    curves = [r.curve for r in runs]
     if not any(c.collapse_step is not None for c in curves):
         return []
     return ["## Early warning", "", "Each signal's threshold rule is chosen on half of the runs (Youden's J: share of "
             "collapsed runs it fires on at or before their collapse step minus share of stable runs it fires on) "
             "and scored on the other half. Lead = collapse step - first alarm; the collapse step lags the first bad "
             "step by up to the rule's smoothing window. A rule found here can be used live: "
-            "`train.warn_on=[<rule>]` (docs/metrics.md).", "", markdown(rank_signals(curves), curves)]
+            "`train.warn_on=[<rule>]` (docs/metrics.md).", "", markdown(rank_signals(curves), curves), "",
+            "### Judged fairly: whole cells held out, against two baselines", "",
+            "Seeds of one cell share a config, so a split by runs lets a threshold see its own cell. Here every cell "
+            "is scored by the rule chosen on the other cells, beside a reward-drop alarm and a config-only rule "
+            "(stablerl.study.leadtime.judge_fairly).", "", fair_markdown(judge_fairly(runs), runs)]
 
 
 def _groups(name: str, roles: dict, cells: list[str]) -> list[tuple[str, list[str]]]:
