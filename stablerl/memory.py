@@ -97,6 +97,7 @@ def over_limit(m: dict, frac: float, limit: Limit | None, cfg) -> str | None:
         return None
     t, e = cfg.train, cfg.engine
     return (f"resident memory peaked at {peak:.1f} GiB, train.max_rss_frac={frac:g} of the {limit.gib:.1f} GiB "
-            f"limit ({limit.source}): resume (--resume) with a lower train.micro_batch_size (now "
-            f"{t.micro_batch_size or 'all rows'}) or train.activation_checkpointing=true, or start again with fewer "
+            f"limit ({limit.source}): resume (`stablerl train --resume`, the same config) with a lower "
+            f"train.micro_batch_size (now {t.micro_batch_size or 'all rows'}) or train.activation_checkpointing=true, "
+            f"or start again with fewer "
             f"train.batch_prompts (now {t.batch_prompts}) or engine.max_new_tokens (now {e.max_new_tokens})")

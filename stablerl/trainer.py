@@ -56,6 +56,7 @@ class TrainResult:
     initial_length: float | None = None  # mean greedy response tokens on the held-out set
     final_length: float | None = None
     peak_rss_gib: float | None = None  # the run's largest resident set (mem/peak_gib), None off Linux
+    final_eval_step: int | None = None  # the step of final_accuracy: before `steps` when a run stopped between evals
 
 
 def _gen(seed: int, step: int, salt: int) -> torch.Generator:
@@ -247,7 +248,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, console: Console, ove
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     peaks = [r["mem/peak_gib"] for r in rows if "mem/peak_gib" in r]
     return TrainResult(run_dir, done, first.get("eval/accuracy"), last.get("eval/accuracy"), seconds,
-                       first.get("eval/mean_length"), last.get("eval/mean_length"), max(peaks, default=None))
+                       first.get("eval/mean_length"), last.get("eval/mean_length"), max(peaks, default=None),
+                       last.get("step"))
 
 
 @dataclass

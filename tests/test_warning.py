@@ -62,13 +62,16 @@ def test_the_hook_warns_once_then_stops_with_a_checkpoint(tmp_path):
     args = [f"out_dir={tmp_path}", *TINY, "train.steps=3", "train.save_every=0", "train.warmup_steps=10",
             "train.lr_schedule=constant", "train.warn_on=[train/lr>1.5e-4]"]
     cont = load_config(None, [*args, "name=cont"])
-    assert train(cont, show_progress=False).steps == 3
+    done = train(cont, show_progress=False)
+    assert done.steps == 3 and done.final_eval_step == 3  # finished: its last eval is the last step's
     rows = [r for r in read_metrics(tmp_path / "cont" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows if "warn/train/lr" in r] == [2]
     assert rows[1]["warn/train/lr"] == rows[1]["train/lr"] == pytest.approx(2e-4)
     assert all(0 < r["route/cross_step/mean"] <= 1 and "route/cross_step/layer0" in r for r in rows)
     stop = load_config(None, [*args, "name=stop", "train.on_warning=stop"])
-    assert train(stop, show_progress=False).steps == 2
+    res = train(stop, show_progress=False)
+    # stopped before its last step: the final accuracy is the last eval's (step 0 here, no eval since), and says so
+    assert res.steps == 2 and res.final_eval_step == 0 and res.final_accuracy == res.initial_accuracy
     assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl") if "reward/mean" in r] == [1, 2]
     assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["step_000002"]
     # resumed: the rule goes on from the side its signal was on. train/lr > 2.5e-4 crosses at step 3 (3e-4); a run

@@ -70,6 +70,7 @@ def _rl(rl_cfg, args, console, t0: float, cold: str | None, start: str) -> int:
     wall = time.perf_counter() - t0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     summary = {"cold_start_accuracy": res.initial_accuracy, "final_accuracy": res.final_accuracy,
+               "final_eval_step": res.final_eval_step,
                "gain_points": None if res.final_accuracy is None else 100 * (res.final_accuracy - res.initial_accuracy),
                "cold_start_mean_length": res.initial_length, "final_mean_length": res.final_length,
                "rl_steps": res.steps, "rl_seconds": res.seconds, "wall_seconds": wall, "peak_rss_gib": peak_gib,
@@ -79,7 +80,9 @@ def _rl(rl_cfg, args, console, t0: float, cold: str | None, start: str) -> int:
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row(f"held-out accuracy, {start}", f"{res.initial_accuracy:.1%}")
-    table.add_row("held-out accuracy, after RL", f"{res.final_accuracy:.1%}")
+    # a run stopped early (train.on_warning=stop, train.max_rss_frac) ends between evals: say which step this is
+    at = "" if res.final_eval_step in (None, res.steps) else f" (its last eval, step {res.final_eval_step})"
+    table.add_row(f"held-out accuracy, after RL{at}", f"{res.final_accuracy:.1%}")
     table.add_row("gain", f"{summary['gain_points']:+.1f} points")
     table.add_row(f"greedy response length, {start} -> after RL",
                   f"{res.initial_length:.1f} -> {res.final_length:.1f} tokens")
