@@ -7,7 +7,8 @@ step ends, but glibc's malloc keeps most of that memory: blocks below its mmap t
 32 MiB each time a larger mmapped block is freed) live in heaps it trims only from the top, so every step's
 different shapes leave freed, still-resident holes. On SmolLM2-135M (B=16, G=8) the resident set then climbed from
 4.5 GiB to 24 GiB in 30 steps while the live tensors stayed the same. `malloc_trim(0)` returns every free page of
-every arena to the OS (madvise), so the next step starts from the live set.
+every arena to the OS (madvise), so the next step starts from the live set; it runs once more than
+KEEP_FREE_GIB is held free, since re-faulting released pages costs time at every step.
 """
 
 from __future__ import annotations
@@ -54,11 +55,37 @@ def _libc():
     return lib if hasattr(lib, "malloc_trim") else None  # glibc only (musl and macOS have none)
 
 
-def release() -> bool:
-    """Give the heap's free pages back to the OS (glibc `malloc_trim(0)`); False where there is no glibc. Costs a
-    few ms per step (a walk over the free lists)."""
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 `struct mallinfo2`, summed over every arena
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def free_heap_gib() -> float | None:
+    """Bytes malloc holds free in its heaps (mallinfo2's fordblks: freed by the program, kept by glibc), GiB; None
+    without glibc >= 2.33."""
     lib = _libc()
-    return bool(lib is not None and lib.malloc_trim(0))
+    if lib is None or not hasattr(lib, "mallinfo2"):
+        return None
+    lib.mallinfo2.restype = _MallInfo2
+    return lib.mallinfo2().fordblks / GIB
+
+
+# Freed heap kept for the next step: a step that reuses its predecessor's pages does not fault them in again. Trimming
+# after every step cost the tiny MoE ~0.5 s of a 2.2 s step (benchmarks/step.py, docs/log.md 2026-12-06 evening)
+# for no memory it needed back; the growth of issue 31 is bounded all the same (RSS <= live + this between steps).
+KEEP_FREE_GIB = 2.0
+
+
+def release(keep_gib: float = KEEP_FREE_GIB) -> bool:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim(0)`) once more than `keep_gib` of it is free
+    (always where that cannot be read); True if it trimmed. False where there is no glibc."""
+    lib = _libc()
+    if lib is None:
+        return False
+    free = free_heap_gib()
+    if free is not None and free <= keep_gib:
+        return False
+    return bool(lib.malloc_trim(0))
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,20 @@ for _ in range(256):
     pins.append(torch.ones(2**14))  # 64 KiB kept live between them
 del held; gc.collect()
 r1 = rss_gib()
-release()
-print(r0, r1, rss_gib())
+kept = release(keep_gib=1.0)  # 256 MiB free: under what a step may keep for the next one, so nothing is trimmed
+r2 = rss_gib()
+trimmed = release(keep_gib=0.1)  # over it: trimmed
+print(r0, r1, r2, rss_gib(), int(kept), int(trimmed))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and /proc are Linux's")
 def test_release_returns_freed_heap_to_the_os():
     out = subprocess.run([sys.executable, "-c", FRAGMENT], capture_output=True, text=True, check=True)
-    before, freed, released = map(float, out.stdout.split())
+    before, freed, kept, released, kept_flag, trimmed = map(float, out.stdout.split())
     assert freed - before > 0.2  # 256 MiB freed by Python, still resident: what grew the issue's run
-    assert released - before < 0.05  # back to where it started, but the live 16 MiB of pins
+    assert kept_flag == 0 and kept - freed > -0.02  # kept for the next step (re-faulting it would cost time)
+    assert trimmed == 1 and released - before < 0.05  # back to where it started, but the live 16 MiB of pins
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
