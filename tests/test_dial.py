@@ -13,14 +13,7 @@ from stablerl.rollout import make_backend
 PROMPTS = ["12+7=", "(3*4)-5="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread; restored after, since later tests compare in-process runs with subprocesses that
-    # take the machine's default (a leaked count changed float sums and failed test_trainer's resume parity in CI)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

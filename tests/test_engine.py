@@ -22,13 +22,7 @@ from stablerl.sequences import pack, response_logits
 PROMPTS = ["12+7=", "a", "The quick brown fox jumps", "(3*4)-5="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second OpenMP thread only adds fork/join waits, and on a shared 2-core box far worse
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

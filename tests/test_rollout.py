@@ -20,12 +20,7 @@ from stablerl.sequences import pack, response_logits
 PROMPTS = ["12+7=", "a", "The quick brown fox jumps", "(3*4)-5="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()  # tiny tensors: a second OpenMP thread only adds waits on a shared box
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
