@@ -24,6 +24,7 @@ import yaml
 from stablerl.algorithm import LOSSES, make_hp
 from stablerl.errors import UserError
 from stablerl.tasks import get_task
+from stablerl.util import write_text_atomic
 from stablerl.warning import check_rules
 
 Numerics = Literal["fp32", "bf16", "fp16", "fp8"]
@@ -475,6 +476,4 @@ def to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    write_text_atomic(path, to_yaml(cfg))

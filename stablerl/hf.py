@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stablerl.convert import ALIASES, is_gguf, resolve_gguf
 from stablerl.errors import UserError, describe_os_error, one_line, read_json
 from stablerl.model import PRESETS, ModelConfig, Transformer, build_model, rope_inv_freq
 from stablerl.tokenizer import TextTokenizer
@@ -77,8 +78,6 @@ def _write(model: Transformer, directory: Path, tokenizer, max_shard_bytes: int)
 def resolve_dir(name: str | Path) -> Path:
     """A local directory, a GGUF file or alias (`smollm2`: converted once into a cache, stablerl.convert), or a hub id
     (e.g. `Qwen/Qwen3-0.6B`) fetched with huggingface_hub when installed."""
-    from stablerl.convert import ALIASES, is_gguf, resolve_gguf
-
     p = Path(name)
     if p.is_dir():
         return p

@@ -43,6 +43,7 @@ from stablerl.rollout import make_backend
 from stablerl.sequences import Packed, PolicyLogProbs, pack, policy_logprobs, select
 from stablerl.tasks import task_examples
 from stablerl.tokenizer import prompt_tokenizer
+from stablerl.util import finite, write_text_atomic
 from stablerl.warning import Watch
 
 
@@ -283,9 +284,7 @@ class Monitor:
 def write_status(run_dir: Path, status: str, step: int, reason: str) -> None:
     """<run>/status.json, atomically: how the run ended ("finished" | "aborted"), its last step and why (one line);
     the report reads it instead of inferring the end from the metrics and the log."""
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "step": step, "reason": reason}) + "\n")
-    tmp.replace(run_dir / "status.json")
+    write_text_atomic(run_dir / "status.json", json.dumps({"status": status, "step": step, "reason": reason}) + "\n")
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
@@ -759,7 +758,7 @@ def _mean_dicts(rows: list[dict]) -> dict:
     keys = sorted({k for r in rows for k in r})
     out = {}
     for k in keys:
-        vals = [r[k] for r in rows if k in r and isinstance(r[k], int | float) and math.isfinite(r[k])]
+        vals = [r[k] for r in rows if finite(r.get(k)) is not None]
         if vals:
             out[k] = max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min") else sum(vals) / len(vals)
     return out

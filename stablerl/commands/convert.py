@@ -14,13 +14,11 @@ def add_arguments(p):
 
 def run(args) -> int:
     from stablerl.convert import ALIASES, alias_gguf, convert
+    from stablerl.hf import load_model, read_config
 
     src = alias_gguf(args.src) if args.src in ALIASES else args.src
     t0 = time.perf_counter()
-    from stablerl.hf import load_model, read_config
-
     out = convert(src, args.out, overwrite=args.overwrite, check=load_model)
-
     cfg = read_config(out)
     print(f"converted {src} -> {out} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"vocab {cfg.vocab_size}, fp32) in {time.perf_counter() - t0:.0f}s")
