@@ -45,6 +45,11 @@ def peak_gib() -> float | None:
     return None if kib is None else kib * 1024 / GIB
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 `struct mallinfo2`, summed over every arena
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 @functools.cache
 def _libc():
     name = ctypes.util.find_library("c")
@@ -52,12 +57,11 @@ def _libc():
         lib = ctypes.CDLL(name)
     except (OSError, TypeError):
         return None
-    return lib if hasattr(lib, "malloc_trim") else None  # glibc only (musl and macOS have none)
-
-
-class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 `struct mallinfo2`, summed over every arena
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+    if not hasattr(lib, "malloc_trim"):  # glibc only (musl and macOS have none)
+        return None
+    if hasattr(lib, "mallinfo2"):  # glibc >= 2.33
+        lib.mallinfo2.restype = _MallInfo2
+    return lib
 
 
 def free_heap_gib() -> float | None:
@@ -66,7 +70,6 @@ def free_heap_gib() -> float | None:
     lib = _libc()
     if lib is None or not hasattr(lib, "mallinfo2"):
         return None
-    lib.mallinfo2.restype = _MallInfo2
     return lib.mallinfo2().fordblks / GIB
 
 
