@@ -193,9 +193,10 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
     rule = collapse_rule(study.collapse if study else {})
     j = judge(study, runs, rule, th)
     summaries, by_cell, order, stats, verdicts = j.summaries, j.by_cell, j.order, j.stats, j.verdicts
+    metrics = {f.run_dir: read_metrics(f.run_dir / "metrics.jsonl") for f in runs}  # read once: plots and alarms
     rows = {f.cell: [] for f in runs}
     for f in runs:
-        rows[f.cell].append(read_metrics(f.run_dir / "metrics.jsonl"))
+        rows[f.cell].append(metrics[f.run_dir])
     out.mkdir(parents=True, exist_ok=True)
     command = made_by(dirs) if study is not None else None
     done = [s for ss in by_cell.values() for s in ss]
@@ -247,7 +248,7 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
         md.append("")
     # finished runs only: a run still going has not had its chance to collapse, and would count as a stable one
     md += early_warning([CellCurve(Curve(s["run"], s["collapse"]["step"] if s["collapse"]["collapsed"] else None,
-                                         read_metrics(f.run_dir / "metrics.jsonl")),
+                                         metrics[f.run_dir]),
                                    s["cell"], tuple(sorted(s["config"].items())))
                          for f, s in zip(runs, summaries) if s["status"] in FINISHED])
     md += ["## Runs", "", "| run | status | steps | initial acc % | final acc % | collapse |",
