@@ -83,7 +83,9 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # training forward: bf16 = autocast, weights and Adam state stay fp32
     # memory knobs (the same math up to float summation order): a run stopped by train.max_rss_frac resumes with less
     micro_batch_size: int = field(default=0, metadata=RESUMABLE)  # rows per forward/backward in an E8 mini-batch,
-    # gradients accumulated (0 = all)
+    # gradients accumulated (0 = as many as fit train.activation_gib: all rows of the tiny MoE, ~15 of SmolLM2-135M)
+    activation_gib: float = field(default=2.0, metadata=RESUMABLE)  # with micro_batch_size 0: the estimated saved
+    # activations of one pass stay under this (stablerl.memory.rows_per_pass); 0 = all rows at once
     activation_checkpointing: bool = field(default=False, metadata=RESUMABLE)  # recompute each layer in backward
     logit_chunk: int = field(default=0, metadata=RESUMABLE)  # response tokens per LM-head chunk (0 = ~64 MiB of fp32
     # logits): flat in V
@@ -407,11 +409,13 @@ def validate(cfg: Config) -> None:
                    ("sft.batch_size", cfg.sft.batch_size), ("sft.eval_problems", cfg.sft.eval_problems)):
         if v < 1:
             raise ConfigError(f"{key}: got {v}, expected >= 1")
-    for key, v, zero in (("train.micro_batch_size", t.micro_batch_size, "all rows at once"),
+    for key, v, zero in (("train.micro_batch_size", t.micro_batch_size, "as many as fit train.activation_gib"),
                          ("sft.micro_batch_size", cfg.sft.micro_batch_size, "all rows at once"),
                          ("train.logit_chunk", t.logit_chunk, "~64 MiB of logits")):
         if v < 0:
             raise ConfigError(f"{key}: got {v}, expected >= 0 (0 = {zero})")
+    if not t.activation_gib >= 0:
+        raise ConfigError(f"train.activation_gib: got {t.activation_gib}, expected >= 0 (0 = all rows at once)")
     for key, v in (("train.eval_every", t.eval_every), ("train.fidelity_every", t.fidelity_every),
                    ("train.save_every", t.save_every), ("sft.eval_every", cfg.sft.eval_every)):
         if v < 0:

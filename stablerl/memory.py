@@ -91,6 +91,34 @@ def release(keep_gib: float = KEEP_FREE_GIB) -> bool:
     return bool(lib.malloc_trim(0))
 
 
+def activation_bytes_per_token(mc, checkpointing: bool = False) -> int:
+    """Bytes autograd saves per token of a differentiated forward of `mc` (a stablerl ModelConfig), fp32: an upper
+    estimate from the shapes, ~12 h-wide tensors per layer (norm inputs and outputs, q k v, attention output, o_proj
+    and residual) plus 4 per MLP hidden unit (gate, up, their activation and product; MoE: k experts' worth, their
+    gathered inputs and outputs and the router's logits). With activation checkpointing only each layer's input is
+    kept, plus one layer's worth while it is recomputed. SmolLM2-135M: 1.57 MB per token, against the ~1.5-1.7 MB its
+    128-row steps used (docs/log.md 2026-12-07)."""
+    h, L = mc.hidden_size, mc.num_hidden_layers
+    moe = set(mc.moe_layers)
+    def layer(i: int) -> int:
+        if i in moe:
+            k = mc.num_experts_per_tok
+            return 12 * h + 4 * k * mc.moe_intermediate_size + 2 * k * h + mc.num_experts
+        return 12 * h + 4 * mc.intermediate_size
+    floats = L * h + max(layer(i) for i in range(L)) if checkpointing else sum(layer(i) for i in range(L))
+    return 4 * floats
+
+
+def rows_per_pass(mc, seq_len: int, budget_gib: float, checkpointing: bool = False) -> int:
+    """Rows of `seq_len` tokens one forward/backward may hold so its saved activations stay under `budget_gib`
+    (train.activation_gib; >= 1), 0 = no limit (budget 0): train.micro_batch_size=0 resolves to this each step, so
+    a pretrained model's 128-row step is split in micro-batches while the tiny MoE's fits in one pass."""
+    if budget_gib <= 0:
+        return 0
+    per_row = activation_bytes_per_token(mc, checkpointing) * max(1, seq_len)
+    return max(1, int(budget_gib * GIB // per_row))
+
+
 @dataclass(frozen=True)
 class Limit:
     gib: float
@@ -126,8 +154,11 @@ def over_limit(m: dict, frac: float, limit: Limit | None, cfg) -> str | None:
     if not frac or limit is None or peak is None or peak < frac * limit.gib:
         return None
     t, e = cfg.train, cfg.engine
+    micro = (f"train.micro_batch_size (now {t.micro_batch_size})" if t.micro_batch_size else
+             f"train.activation_gib (now {t.activation_gib:g}) or a train.micro_batch_size" if t.activation_gib else
+             "train.micro_batch_size (now all rows)")
     return (f"resident memory peaked at {peak:.1f} GiB, train.max_rss_frac={frac:g} of the {limit.gib:.1f} GiB "
             f"limit ({limit.source}): resume (`stablerl train --resume`, the same config) with a lower "
-            f"train.micro_batch_size (now {t.micro_batch_size or 'all rows'}) or train.activation_checkpointing=true, "
+            f"{micro} or train.activation_checkpointing=true, "
             f"or start again with fewer "
             f"train.batch_prompts (now {t.batch_prompts}) or engine.max_new_tokens (now {e.max_new_tokens})")

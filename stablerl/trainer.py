@@ -33,7 +33,7 @@ from stablerl.engine import Engine, Rollout, route_dtype
 from stablerl.errors import UserError
 from stablerl.evaluate import evaluate
 from stablerl.hf import get_model
-from stablerl.memory import memory_limit, over_limit, release, step_metrics
+from stablerl.memory import memory_limit, over_limit, release, rows_per_pass, step_metrics
 from stablerl.metrics import MetricsWriter, read_metrics, truncate_after
 from stablerl.model import resolve_device
 from stablerl.plots import plot_run_quietly
@@ -330,7 +330,9 @@ class Learner:
         model, par, opt, t, a = self.model, self.par, self.opt, self.cfg.train, self.cfg.algo
         t0 = time.perf_counter()
         batch = Batch.of(ro, adv, self.pad_id, self.device, model.is_moe)
-        plan = plan_step(self.cfg, step, batch.adv.cpu(), par)  # E8 mini-batches, Â = 0 rows, FSDP padding
+        micro = t.micro_batch_size or rows_per_pass(model.config, batch.packed.ids.shape[1], t.activation_gib,
+                                                    t.activation_checkpointing)  # rows per pass, 0 = all
+        plan = plan_step(self.cfg, step, batch.adv.cpu(), par, micro)  # E8 mini-batches, Â = 0 rows, FSDP padding
         update = Update.of(self.cfg, model, batch, self.forward, par)
         # θ_old (E3, E7) in a pass of its own: every row off-policy; on-policy only the rows no update runs (the
         # update's forward gives the others: θ = θ_old at the only update)
@@ -405,15 +407,16 @@ class Plan:
     rest_scale: float = 1.0  # the weight of each scored row with Â = 0 (rows with Â = 0 / rows scored)
 
 
-def plan_step(cfg: Config, step: int, adv: torch.Tensor, par: Parallel) -> Plan:
+def plan_step(cfg: Config, step: int, adv: torch.Tensor, par: Parallel, micro: int) -> Plan:
     """The step's plan. The E8 split is drawn over global row ids (the same on every rank) and fixed before θ_old is
     evaluated: logp_old is computed on exactly the micro-batches (rows, order, padding) the updates will see, so at
     N = 1 the update's forward repeats θ_old's bitwise (r == 1). Rows with Â = 0 get no update (when the loss says
-    so) but are scored for the diagnostics: on-policy a uniform draw of train.diag_rows of them, weighted."""
+    so) but are scored for the diagnostics: on-policy a uniform draw of train.diag_rows of them, weighted. `micro`:
+    rows per forward/backward (0 = all)."""
     t, e = cfg.train, cfg.engine
     N = adv.shape[0]
     order = torch.randperm(N, generator=_gen(cfg.seed, step, 3)).view(t.n_minibatches, -1)  # (N_mb, N/N_mb)
-    batches, rest = minibatches(order, adv, skips_zero_adv(cfg.algo.loss), t.micro_batch_size, par)
+    batches, rest = minibatches(order, adv, skips_zero_adv(cfg.algo.loss), micro, par)
     # with top-p/top-k a sampled token may lie outside the trainer's support (log π_old = -inf): E5's normaliser
     # counts only the kept tokens, so every row's support must be known before the first backward
     on_policy = t.n_minibatches == 1 and e.top_p == 1 and e.top_k == 0
@@ -425,7 +428,7 @@ def plan_step(cfg: Config, step: int, adv: torch.Tensor, par: Parallel) -> Plan:
         scale = len(rest) / t.diag_rows  # each scored row stands for len(rest) / k rows
         weight[rest[pick]] = scale
         rest = rest[pick]
-    rest_micro = [r for r in par.share(rest).split(t.micro_batch_size or len(rest) or 1) if len(r)]
+    rest_micro = [r for r in par.share(rest).split(micro or len(rest) or 1) if len(r)]
     old_micro = rest_micro if on_policy else [r for mb in batches for r in mb.micro] + rest_micro
     pad = par.max_int(len(old_micro)) - len(old_micro) if par.lockstep else 0  # FSDP: each forward all-gathers
     return Plan(order.flatten(), batches, on_policy, old_micro, pad, weight, scale)

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from stablerl.config import load_config
-from stablerl.memory import Limit, memory_limit, over_limit
+from stablerl.memory import Limit, activation_bytes_per_token, memory_limit, over_limit, rows_per_pass
 from stablerl.metrics import read_metrics
+from stablerl.model import PRESETS, ModelConfig
 from stablerl.trainer import train
 
 TINY = ["train.batch_prompts=2", "train.group_size=4", "engine.max_new_tokens=12", "task.n_heldout=8",
@@ -75,7 +76,11 @@ def test_over_limit_line_and_limit_sources(tmp_path):
     assert over_limit({"mem/peak_gib": 21.5}, 0.9, lim, cfg) is None  # 21.5 < 0.9 * 24 = 21.6
     line = over_limit({"mem/peak_gib": 21.7}, 0.9, lim, cfg)
     assert line.startswith("resident memory peaked at 21.7 GiB, train.max_rss_frac=0.9 of the 24.0 GiB limit")
-    assert "lower train.micro_batch_size (now all rows)" in line and "train.batch_prompts (now 16)" in line
+    assert "lower train.activation_gib (now 2) or a train.micro_batch_size" in line
+    assert "train.batch_prompts (now 16)" in line
+    for over, says in ((["train.micro_batch_size=16"], "lower train.micro_batch_size (now 16)"),
+                       (["train.activation_gib=0"], "lower train.micro_batch_size (now all rows)")):
+        assert says in over_limit({"mem/peak_gib": 21.7}, 0.9, lim, load_config(None, over))
     assert "engine.max_new_tokens (now 48)" in line
     assert over_limit({"mem/peak_gib": 99.0}, 0.0, lim, cfg) is None  # 0 = off
     # a cgroup limit below MemTotal is the one that counts; "max" means none
@@ -87,3 +92,35 @@ def test_over_limit_line_and_limit_sources(tmp_path):
     assert memory_limit(tmp_path) == Limit(24.0, "MemTotal")
     (tmp_path / "sys/fs/cgroup/memory.max").write_text(f"{8 * 2**30}\n")
     assert memory_limit(tmp_path) == Limit(8.0, "cgroup memory.max")
+
+
+def test_activation_estimate_by_hand():
+    # tiny MoE: h 128, 4 MoE layers of k = 2 experts of width 256, 8 experts: per layer 12*128 + 4*2*256 + 2*2*128 + 8
+    # = 4104 floats, x 4 layers x 4 bytes; checkpointed: each layer's input (4*128) + one layer recomputed
+    moe = PRESETS["tiny-moe"]
+    assert activation_bytes_per_token(moe) == 4 * 4 * 4104 == 65_664
+    assert activation_bytes_per_token(moe, checkpointing=True) == 4 * (4 * 128 + 4104) == 18_464
+    # SmolLM2-135M's shape (Llama, h 576, MLP 1536, 30 layers): (12*576 + 4*1536) * 30 * 4 = 1,566,720 bytes/token;
+    # its issue-31 step (prompt ~40 + 48 tokens = 88) fits 2 GiB / (1,566,720 * 88) = 15.6 -> 15 rows per pass
+    smol = ModelConfig(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_experts=0)
+    assert activation_bytes_per_token(smol) == 1_566_720
+    assert rows_per_pass(smol, 88, 2.0) == 15
+    assert rows_per_pass(smol, 88, 0.0) == 0  # no budget: all rows
+    assert rows_per_pass(smol, 10**9, 2.0) == 1  # never 0 rows
+    # the default tiny MoE step (256 rows, <= 64 + ~20 tokens) runs in one pass, as before the budget existed
+    assert rows_per_pass(moe, 84, 2.0) >= 256
+
+
+def test_auto_micro_batches_are_the_explicit_ones(tmp_path):
+    # micro_batch_size 0 resolves to rows_per_pass each step: a budget too small for two rows runs the same passes,
+    # so the same floats, as micro_batch_size=1
+    def run(name, over):
+        cfg = load_config(None, [f"out_dir={tmp_path}", f"name={name}", *TINY, "train.steps=2",
+                                 "engine.numerics=fp32", *over])
+        train(cfg, show_progress=False)
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))}
+                for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    auto = run("auto", ["train.activation_gib=1e-9"])
+    assert auto == run("one", ["train.micro_batch_size=1"])
+    assert auto != run("all", ["train.activation_gib=0"])  # one pass of all rows: other float sums

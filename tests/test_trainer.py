@@ -254,7 +254,7 @@ def _onpolicy_setup(micro: int, diag_rows: int = 0):
     # groups 0 and 2 have signal, groups 1 and 3 do not (Â = 0: 6 rows no update runs)
     adv = torch.tensor([1.0, -0.5, -0.5, 0, 0, 0, -1.0, 0.5, 0.5, 0, 0, 0])
     batch = Batch.of(ro, adv, tok.pad_id, torch.device("cpu"), model.is_moe)
-    plan = plan_step(cfg, 0, adv, Update.of(cfg, model, batch).par)
+    plan = plan_step(cfg, 0, adv, Update.of(cfg, model, batch).par, cfg.train.micro_batch_size)
     return cfg, model, batch, plan, Update.of(cfg, model, batch)
 
 
