@@ -46,6 +46,19 @@ def _study(tmp_path, text=STUDY, name="study.yaml"):
     return p
 
 
+def test_a_cell_may_run_its_own_seeds(tmp_path):
+    # issue 27: the cells a verdict turns on get 9 seeds, the others keep the study's 3; the report counts a cell's
+    # runs against its own seeds
+    text = STUDY.replace("  noisy: [algo.loss=minirl_no_is]",
+                         "  noisy: {overrides: [algo.loss=minirl_no_is], seeds: [0, 1, 2, 3, 4]}")
+    study = load_study(_study(tmp_path, text))
+    names = [r.name for r in expand(study, tmp_path / "out", cells=["base", "noisy"])]
+    assert names == [f"demo/base/seed{s}" for s in (0, 1, 2)] + [f"demo/noisy/seed{s}" for s in range(5)]
+    bad = STUDY.replace("  noisy: [algo.loss=minirl_no_is]", "  noisy: {overrides: [], seeds: [1, 1]}")
+    with pytest.raises(ConfigError, match=r"study.yaml:\d+: cells.noisy.seeds: expected a list of distinct integers"):
+        load_study(_study(tmp_path, bad))
+
+
 def test_expand_gives_one_checked_run_per_cell_and_seed(tmp_path):
     study = load_study(_study(tmp_path))
     assert list(study.cells)[:3] == ["base", "noisy", "warm"] and len(study.cells) == 3 + 2 * 2 * 3

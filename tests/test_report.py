@@ -12,6 +12,7 @@ import yaml
 
 from stablerl.cli import main
 from stablerl.errors import UserError
+from stablerl.stats import fisher_exact
 from stablerl.study.report import plan_copy, write_report
 from stablerl.study.summary import CollapseRule, aborted, detect_collapse, run_status, summarize_run
 from stablerl.study.verdicts import (
@@ -136,11 +137,20 @@ Y, N = True, False
 
 
 def test_f1_most_stable():
-    peers = [cell("no_is", [Y, Y, Y]), cell("lennorm", [N, N, Y])]
-    assert most_stable(cell("minirl", [N, N, N]), peers).outcome == "supported"
+    # Fisher's exact test, two-sided: 3/3 vs 0/3 collapsed has p = 2 / C(6, 3) = 0.1, never significant at 0.05;
+    # 9/9 vs 0/9 has p = 2 / C(18, 9) = 2 / 48620; 6/9 vs 0/9: p = 2 * C(9,6) C(9,0) / C(18,6) = 168 / 18564 = 0.00905
+    assert fisher_exact(6, 3, 0, 9) == pytest.approx(168 / 18564, rel=1e-9)
+    peers = [cell("no_is", [Y] * 6 + [N] * 3), cell("lennorm", [N] * 8 + [Y])]
+    got = most_stable(cell("minirl", [N] * 9), peers)
+    assert got.outcome == "supported" and "Fisher p = 0.00905 vs minirl" in got.numbers
+    # the same rates on 3 seeds: not significant
+    got = most_stable(cell("minirl", [N, N, N]), [cell("no_is", [Y, Y, Y])])
+    assert got.outcome == "inconclusive" and "no peer collapsed significantly more often (p > 0.05)" in got.numbers
+    assert "(Fisher p = 0.1 vs minirl)" in got.numbers
     assert most_stable(cell("minirl", [N, Y, Y]), peers).outcome == "not supported"  # MiniRL itself collapses
-    # a peer collapsed less often
-    assert most_stable(cell("minirl", [N, N, Y]), [cell("p", [N, N, N])]).outcome == "not supported"
+    # a peer collapsed less often: only significantly counts against MiniRL
+    assert most_stable(cell("minirl", [N, N, Y]), [cell("p", [N, N, N])]).outcome == "inconclusive"
+    assert most_stable(cell("minirl", [N] * 6 + [Y] * 3), [cell("p", [N] * 30)]).outcome == "not supported"
     got = most_stable(cell("minirl", [N, N, N]), [cell("p", [N, N, N]), cell("q", [N, N, Y])])
     assert got.outcome == "inconclusive" and "no peer collapsed in most seeds" in got.numbers
     got = most_stable(cell("minirl", [N, N]), peers)
@@ -148,43 +158,62 @@ def test_f1_most_stable():
 
 
 def test_f2_collapses_without_is():
-    base = cell("minirl", [N, N, Y])
-    got = collapses_without(cell("no_is", [Y, Y, N]), base)
-    assert got.outcome == "supported" and "no_is collapsed 2/3" in got.numbers and "minirl collapsed 1/3" in got.numbers
+    base = cell("minirl", [N] * 8 + [Y])
+    got = collapses_without(cell("no_is", [Y] * 8 + [N]), base)
+    assert got.outcome == "supported" and "no_is collapsed 8/9" in got.numbers and "minirl collapsed 1/9" in got.numbers
+    # 7/9 vs 2/9: p = 0.0567 (hypergeometric, margins 9/9 and 9 collapsed of 18), just above alpha
+    assert fisher_exact(7, 2, 2, 7) == pytest.approx(0.0567, abs=5e-5)
+    got = collapses_without(cell("no_is", [Y] * 7 + [N] * 2), cell("minirl", [N] * 7 + [Y] * 2))
+    assert got.outcome == "inconclusive" and "not significantly" in got.numbers and "Fisher p = 0.0567" in got.numbers
+    assert collapses_without(cell("no_is", [Y, Y, N]), cell("minirl", [N, N, Y])).outcome == "inconclusive"
     assert collapses_without(cell("no_is", [N, N, Y]), base).outcome == "not supported"
     assert collapses_without(cell("no_is", [Y, Y, Y]), cell("minirl", [Y, Y, N])).outcome == "inconclusive"
     assert collapses_without(cell("no_is", [Y, Y]), base).outcome == "inconclusive"
 
 
-def test_f3_learns_worse_counts_only_beyond_the_seed_spread():
+def test_f3_learns_worse_needs_a_stable_baseline_and_an_interval_off_zero():
     base = cell("minirl", [N, N, N], [0.90, 0.92, 0.94])
-    assert learns_worse(base, cell("lennorm", [N, N, N], [0.70, 0.72, 0.74])).outcome == "supported"
+    # d = 0.20, each sd 0.02: se = sqrt(2 * 0.0004 / 3) = 0.01633, Welch df = 4, t(0.975, 4) = 2.7764: 95% CI
+    # 0.20 +- 0.0453
+    got = learns_worse(base, cell("lennorm", [N, N, N], [0.70, 0.72, 0.74]))
+    assert got.outcome == "supported" and "difference +20.0 points (95% Welch CI +15.5 to +24.5)" in got.numbers
     got = learns_worse(base, cell("lennorm", [N, N, N], [0.85, 0.95, 0.99]))
-    assert got.outcome == "inconclusive" and "within the seed spread" in got.numbers
+    assert got.outcome == "inconclusive" and "the interval holds 0" in got.numbers
     assert learns_worse(base, cell("lennorm", [N, N, N], [0.97, 0.98, 0.99])).outcome == "not supported"
-    assert learns_worse(base, cell("lennorm", [Y, Y, N], [0.9, 0.92, 0.94])).outcome == "supported"
+    # the variant collapses: significant with 9 seeds a side, not with 3
+    assert learns_worse(base, cell("lennorm", [Y, Y, N], [0.9, 0.92, 0.94])).outcome == "inconclusive"
+    base9 = cell("minirl", [N] * 9, [0.9] * 9)
+    assert learns_worse(base9, cell("lennorm", [Y] * 8 + [N], [0.9] * 9)).outcome == "supported"
+    # the stable-baseline guard: a collapsing baseline makes F3 a restatement of F1
+    got = learns_worse(cell("minirl", [Y, Y, N], [0.3, 0.4, 0.9]), cell("lennorm", [N, N, N], [0.1, 0.1, 0.1]))
+    assert got.outcome == "inconclusive" and "the baseline is not stable (it collapsed in 2/3 seeds)" in got.numbers
 
 
-def f4_grid(ns, fail_noclip=True, fail_norep=True, r2=(N, N, N), r3=(N, N, N), r2_large=None, r3_large=None):
+def f4_grid(ns, fail_noclip=True, fail_norep=True, r2=(N, N, N), r3=(N, N, N), r2_large=None, r3_large=None, k=1):
+    """The F4 grid; each cell's seeds repeated `k` times (k = 3: 9 seeds, enough for Fisher's test to separate)."""
     g = {}
     for n in ns:
         g[(n, "noclip", "none")] = g[(n, "noclip", "R2")] = g[(n, "noclip", "R3")] = cell(
-            "nc", [Y, Y, Y] if fail_noclip else [N, N, N])
-        g[(n, "clip", "none")] = cell("c", [Y, Y, N] if fail_norep else [N, N, N])
-        g[(n, "clip", "R2")] = cell("r2", list(r2_large if n == ns[-1] and r2_large else r2))
-        g[(n, "clip", "R3")] = cell("r3", list(r3_large if n == ns[-1] and r3_large else r3))
+            "nc", [Y, Y, Y] * k if fail_noclip else [N, N, N] * k)
+        g[(n, "clip", "none")] = cell("c", [Y, Y, N] * k if fail_norep else [N, N, N] * k)
+        g[(n, "clip", "R2")] = cell("r2", list(r2_large if n == ns[-1] and r2_large else r2) * k)
+        g[(n, "clip", "R3")] = cell("r3", list(r3_large if n == ns[-1] and r3_large else r3) * k)
     return g
 
 
 def test_f4_off_policy_needs_clipping_and_replay():
     ns = ["N2", "N4", "N8"]
-    got = off_policy(f4_grid(ns, r2_large=(Y, Y, N)))  # R2 breaks at N = 8 where R3 holds
+    got = off_policy(f4_grid(ns, r2_large=(Y, Y, N), k=3))  # R2 breaks at N = 8 where R3 holds
     assert got.outcome == "supported" and [v.outcome for _, v in got.parts] == ["supported"] * 3
-    got = off_policy(f4_grid(ns, fail_noclip=False, r2_large=(Y, Y, N)))  # no clip does not collapse
+    # the same rates on 3 seeds: no-clip's 9 pooled runs against 3 separate (p = 1 / C(12, 3)), clip + none's 2/3
+    # against 0/3 does not (p = 0.4), nor R2 from R3 at N = 8
+    got = off_policy(f4_grid(ns, r2_large=(Y, Y, N)))
+    assert [v.outcome for _, v in got.parts] == ["supported", "inconclusive", "inconclusive"]
+    got = off_policy(f4_grid(ns, fail_noclip=False, r2_large=(Y, Y, N), k=3))  # no clip does not collapse
     assert got.outcome == "not supported" and got.parts[0][1].outcome == "not supported"
-    got = off_policy(f4_grid(ns))  # R2 and R3 alike at every N: part (c) cannot tell
+    got = off_policy(f4_grid(ns, k=3))  # R2 and R3 alike at every N: part (c) cannot tell
     assert got.outcome == "inconclusive" and got.parts[2][1].outcome == "inconclusive"
-    got = off_policy(f4_grid(ns, r3_large=(Y, Y, Y)))  # R3 worse than R2 at large N
+    got = off_policy(f4_grid(ns, r3_large=(Y, Y, Y), k=3))  # R3 worse than R2 at large N
     assert got.outcome == "not supported" and got.parts[2][1].outcome == "not supported"
     got = off_policy(f4_grid(["N4"]))  # --quick: one N
     assert got.parts[2][1].outcome == "inconclusive" and "two values of N" in got.parts[2][1].numbers
@@ -237,9 +266,11 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     path = write_report([d], tmp_path / "rep")
     md = path.read_text()
     assert md.startswith("# demo: report") and "made by `stablerl study demo.yaml --out out`" in md
-    assert "| F2 | dropping IS collapses | **supported** |" in md
-    assert "| F3 | length normalisation learns worse | **inconclusive** |" in md
-    assert "**Verdict: supported.** minirl_no_is collapsed 2/3" in md and "Rule `collapses_without`:" in md
+    # 2/3 against 0/3 collapsed: the rates the rule asks for, but Fisher p = 0.4 (3 seeds cannot be significant)
+    assert "| F2 | dropping IS collapses | **inconclusive** | I · I · I · I |" in md
+    assert "| F3 | length normalisation learns worse | **inconclusive** | I · I · I · I |" in md
+    assert ("**Verdict: inconclusive.** the rates differ as the rule asks but not significantly (p > 0.05); "
+            "minirl_no_is collapsed 2/3") in md and "Rule `collapses_without`:" in md
     assert "fewer than 3 finished seeds: lennorm (2)" in md
     assert "| minirl | 3 | 0/3 | 91.0 ± 1.0 |" in md  # final accuracy 90, 91, 92 %: mean ± sample std
     assert "| lennorm | 2 (+1 missing) | 0/2 |" in md
@@ -253,7 +284,8 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     assert all((tmp_path / "rep" / p).read_bytes().startswith(PNG) for p in pngs)
     assert not list((tmp_path / "rep").glob("*.tmp*"))
     saved = json.loads((tmp_path / "rep" / "summaries.json").read_text())
-    assert saved["verdicts"]["F2"]["outcome"] == "supported" and len(saved["runs"]) == 8
+    assert saved["verdicts"]["F2"]["outcome"] == "inconclusive" and len(saved["runs"]) == 8
+    assert saved["verdicts"]["F2"]["fragile"] is False
     # a study run in slices names every invocation, oldest first, a repeated one (a resume) once
     with (d / "commands.log").open("a") as fh:
         fh.write("2026-12-03T00:00:00+00:00\tstablerl study demo.yaml --out out --cells lennorm\n"
@@ -263,6 +295,27 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     assert ("made by `stablerl study demo.yaml --out out`, then `stablerl study demo.yaml --out out --cells "
             "lennorm`.") in md
     assert "| lennorm | 2 (+1 missing) | 0/2 |" in md and "8 runs, 2 collapsed;" in md
+
+
+MID = RISE[:30] + [0.3] * 30  # down to 0.3 for good: below 0.5 x best (0.8), above 0.3 x best
+
+
+def test_rule_sensitivity_marks_a_verdict_that_flips_fragile(tmp_path):
+    # 9 seeds a side: every no-IS run drops to 0.3, a collapse at frac 0.5 (bar 0.4) and none at frac 0.3 (bar
+    # 0.24); so F2 is supported (9/9 vs 0/9, p = 2 / C(18, 9)) at frac 0.5 and not supported at 0.3, either window
+    d = tmp_path / "out" / "demo"
+    d.mkdir(parents=True)
+    (d / "study.yaml").write_text(STUDY.replace("seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8]"))
+    for s in range(9):
+        write_run(d / "minirl" / f"seed{s}", RISE, {0: 0.3, 60: 0.9}, seed=s)
+        write_run(d / "minirl_no_is" / f"seed{s}", MID, {0: 0.3, 60: 0.5}, seed=s)
+    md = write_report([d], tmp_path / "rep").read_text()
+    assert "| F2 | dropping IS collapses | **supported** | S · N · S · N **fragile** |" in md
+    assert "**Verdict: supported (fragile).** minirl_no_is collapsed 9/9" in md and "Fisher p = 4.11e-05" in md
+    saved = json.loads((tmp_path / "rep" / "summaries.json").read_text())["verdicts"]["F2"]
+    assert saved["fragile"] is True and saved["sensitivity"] == {
+        "patience=10,frac=0.5": "supported", "patience=10,frac=0.3": "not supported",
+        "patience=20,frac=0.5": "supported", "patience=20,frac=0.3": "not supported"}
 
 
 def test_report_cli_on_plain_run_directories(tmp_path, capsys):

@@ -51,6 +51,7 @@ class Cell:
     where: str  # "file:line: " of its definition, for errors
     sweep: str | None = None  # the sweep that made it, and its (axis, value) pairs
     axes: tuple[tuple[str, str], ...] = ()
+    seeds: tuple[int, ...] | None = None  # its own seeds (a cell a verdict turns on gets more); None: the study's
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,12 @@ class _Reader:
                                            "command line, which reaches the cold starts too)")
         return tuple(value)
 
+    def seeds(self, value, keys: tuple) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value or not all(type(s) is int for s in value) \
+                or len(set(value)) != len(value):
+            raise self.err(keys, f"expected a list of distinct integers, got {value!r}")
+        return tuple(value)
+
     def name(self, value, keys: tuple) -> str:
         if not isinstance(value, str) or not NAME.match(value) or value == "cold":
             yaml11 = " (YAML reads unquoted on/off/yes/no as true/false: quote it)" if isinstance(value, bool) else ""
@@ -188,10 +195,7 @@ def load_study(path: str | Path) -> Study:
     data = r.mapping(data, (), TOP_KEYS)
     if "name" not in data:
         raise ConfigError(f"{p}: a study needs a name (its runs go to <out>/<name>/)")
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise r.err(("seeds",), f"expected a list of distinct integers, got {seeds!r}")
+    seeds = r.seeds(data.get("seeds", [0]), ("seeds",))
     base = data.get("base")
     if base is not None and not isinstance(base, str):
         raise r.err(("base",), f"expected a config YAML path or null, got {base!r}")
@@ -234,13 +238,15 @@ def load_study(path: str | Path) -> Study:
 
 
 def _cell(r: _Reader, name: str, v, keys: tuple, init: str | None, cold: dict) -> Cell:
-    """A cell: a list of overrides, or {overrides: [...], init: <cold start>}."""
+    """A cell: a list of overrides, or {overrides: [...], init: <cold start>, seeds: [...]}."""
     if isinstance(v, dict):
-        v = r.mapping(v, keys, ("overrides", "init"))
+        v = r.mapping(v, keys, ("overrides", "init", "seeds"))
         init = v.get("init", init)
         if init is not None and init not in cold:
             raise r.err((*keys, "init"), f"{init!r} is not a cold start (defined: {', '.join(cold) or 'none'})")
-        return Cell(name, r.overrides(v.get("overrides"), (*keys, "overrides")), init, r.lines.get(keys, ""))
+        seeds = r.seeds(v["seeds"], (*keys, "seeds")) if "seeds" in v else None
+        return Cell(name, r.overrides(v.get("overrides"), (*keys, "overrides")), init, r.lines.get(keys, ""),
+                    seeds=seeds)
     return Cell(name, r.overrides(v, keys), init, r.lines.get(keys, ""))
 
 
@@ -324,7 +330,7 @@ def expand(study: Study, out: str | Path, extra: list[str] | tuple[str, ...] = (
     for n in chosen:
         cell = study.cells[n]
         cold = None if cell.init is None else f"{study.name}/cold/{cell.init}"
-        for s in study.seeds:
+        for s in cell.seeds or study.seeds:
             name = f"{study.name}/{n}/seed{s}"
             ov = [*cell.overrides, f"seed={s}", f"out_dir={root}", f"name={name}"]
             if cold is not None:

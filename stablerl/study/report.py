@@ -10,6 +10,7 @@ stablerl.study.summary).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -28,6 +29,7 @@ from stablerl.study.summary import (
     REPLAY_STATS,
     CollapseRule,
     collapse_rule,
+    detect_collapse,
     run_status,
     summarize_run,
 )
@@ -174,15 +176,69 @@ class Judgement:
 def judge(study: Study | None, runs: list[Found], rule: CollapseRule, th: Thresholds) -> Judgement:
     """Summaries recomputed from the run files under `rule` (so that it applies to old runs too), statistics per cell
     and a verdict per finding under `th`."""
+    return _judged(study, runs, [{**summarize_run(f.run_dir, rule), "cell": f.cell, "run": f.label} for f in runs], th)
+
+
+def _judged(study: Study | None, runs: list[Found], summaries: list[dict], th: Thresholds) -> Judgement:
     by_cell: dict[str, list[dict]] = {}
-    summaries = [{**summarize_run(f.run_dir, rule), "cell": f.cell, "run": f.label} for f in runs]
     for f, s in zip(runs, summaries):
         by_cell.setdefault(f.cell, []).append(s)
     order = [c for c in (study.cells if study else []) if c in by_cell] + [c for c in by_cell
                                                                             if not study or c not in study.cells]
-    expected = len(study.seeds) if study else 0
-    stats = {c: cell_stats(c, by_cell.get(c, []), expected) for c in [*(study.cells if study else []), *order]}
+    def expected(c: str) -> int:  # the seeds the study defines for cell c
+        cell = study.cells.get(c) if study else None
+        return len(cell.seeds or study.seeds) if cell else len(study.seeds) if study else 0
+
+    stats = {c: cell_stats(c, by_cell.get(c, []), expected(c)) for c in [*(study.cells if study else []), *order]}
     return Judgement(summaries, by_cell, order, stats, evaluate_findings(study, stats, th) if study else {})
+
+
+# issue 27: every verdict is recomputed under these collapse-rule settings (recovery window `patience` x threshold
+# `frac` of the best smoothed reward); a verdict that changes between them is marked fragile
+SENSITIVITY = tuple((patience, frac) for patience in (10, 20) for frac in (0.5, 0.3))
+
+
+def rejudge(study: Study, runs: list[Found], j: Judgement, metrics: dict[Path, list[dict]], rule: CollapseRule,
+            th: Thresholds) -> Judgement:
+    """`j`'s runs judged under another collapse `rule`: only each run's collapse is recomputed (from its metrics
+    rows, already read), everything else of its summary is the same."""
+    summaries = []
+    for f, s in zip(runs, j.summaries):
+        c = detect_collapse(metrics[f.run_dir], rule, aborted=s["status"] == "aborted")
+        summaries.append(s | {"collapse": {"collapsed": c.collapsed, "step": c.step, "reason": c.reason,
+                                           "rule": dataclasses.asdict(rule)}})
+    return _judged(study, runs, summaries, th)
+
+
+def sensitivity(study: Study, runs: list[Found], j: Judgement, metrics: dict[Path, list[dict]], rule: CollapseRule,
+                th: Thresholds) -> dict[str, dict[tuple[int, float], Verdict]]:
+    """{finding: {(patience, frac): its verdict}} over SENSITIVITY (the study's own window and min_best kept)."""
+    out: dict[str, dict[tuple[int, float], Verdict]] = {k: {} for k in j.verdicts}
+    for patience, frac in SENSITIVITY:
+        same = (patience, frac) == (rule.patience, rule.frac)
+        alt = j if same else rejudge(study, runs, j, metrics, dataclasses.replace(rule, patience=patience, frac=frac),
+                                     th)
+        for k, v in alt.verdicts.items():
+            out[k][(patience, frac)] = v
+    return out
+
+
+def outcomes(by_setting: dict[tuple[int, float], Verdict], part: str | None = None) -> dict[tuple[int, float], str]:
+    """The outcome per setting of a verdict, or of one of its parts (F4's (a), (b), (c))."""
+    return {k: (dict(v.parts)[part] if part else v).outcome for k, v in by_setting.items()}
+
+
+def fragile(outcomes: dict[tuple[int, float], str]) -> bool:
+    return len(set(outcomes.values())) > 1
+
+
+def _outcomes(by: dict[tuple[int, float], str]) -> str:
+    short = {"supported": "S", "not supported": "N", "inconclusive": "I"}
+    return " · ".join(short[o] for o in by.values()) + (" **fragile**" if fragile(by) else "")
+
+
+def _settings(by: dict[tuple[int, float], str]) -> dict[str, str]:
+    return {f"patience={p},frac={f:g}": o for (p, f), o in by.items()}
 
 
 def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th: Thresholds | None = None) -> Path:
@@ -194,6 +250,7 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
     j = judge(study, runs, rule, th)
     summaries, by_cell, order, stats, verdicts = j.summaries, j.by_cell, j.order, j.stats, j.verdicts
     metrics = {f.run_dir: read_metrics(f.run_dir / "metrics.jsonl") for f in runs}  # read once: plots and alarms
+    sens = sensitivity(study, runs, j, metrics, rule, th) if verdicts else {}
     rows = {f.cell: [] for f in runs}
     for f in runs:
         rows[f.cell].append(metrics[f.run_dir])
@@ -207,21 +264,30 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
           f"aborted (NaN guard), {sum(c.missing for c in stats.values())} missing or unfinished (left out).", "",
           f"**Collapse rule** (stored in each run's summary): {rule.text()}.", "",
           f"**Verdict thresholds**: at least {th.min_seeds} finished seeds per cell; a cell *collapses* when "
-          f"≥ {th.collapses:.2g} of its seeds did, is *stable* when ≤ {th.stable:.2g} did; accuracy differences count "
-          "only beyond the seed spread (the larger standard deviation over seeds). Accuracies are held-out greedy "
-          "(`eval/accuracy`), final = the last evaluation of the run.", ""]
+          f"≥ {th.collapses:.2g} of its seeds did, is *stable* when ≤ {th.stable:.2g} did; a difference counts only "
+          f"when significant at α = {th.alpha:g}: collapse counts by Fisher's exact test (two-sided; 3 seeds a side "
+          f"can never reach it), final accuracy by Welch's {100 * (1 - th.alpha):g}% interval. Accuracies are "
+          "held-out greedy (`eval/accuracy`), final = the last evaluation of the run; ± is the standard deviation "
+          "over seeds, CI the t interval of the mean.", ""]
     plotted: set[str] = set()
     if verdicts:
-        md += ["## Verdicts", "", "| finding | claim | verdict |", "|---|---|---|"]
-        md += [f"| {k} | {study.findings[k].claim} | **{v.outcome}** |" for k, v in verdicts.items()]
-        md.append("")
+        head = " · ".join(f"{p}/{f:g}" for p, f in SENSITIVITY)
+        md += ["## Verdicts", "", f"| finding | claim | verdict | under patience/frac {head} |", "|---|---|---|---|"]
+        md += [f"| {k} | {study.findings[k].claim} | **{v.outcome}** | {_outcomes(outcomes(sens[k]))} |"
+               for k, v in verdicts.items()]
+        md += ["", "The last column re-judges every run with the collapse rule's recovery window (`patience`, steps) "
+               "and threshold (`frac` of the best smoothed reward) at each setting (S supported, N not supported, "
+               "I inconclusive); a verdict that changes with them is marked **fragile**.", ""]
     for name, v in verdicts.items():
         f = study.findings[name]
         roles = finding_roles(study, f)
         cells = _flat_cells(roles)
-        md += [f"## {name}: {f.claim}" if f.claim else f"## {name}", "", f"**Verdict: {v.outcome}.** {v.numbers}", "",
+        md += [f"## {name}: {f.claim}" if f.claim else f"## {name}", "",
+               f"**Verdict: {v.outcome}{' (fragile)' if fragile(outcomes(sens[name])) else ''}.** {v.numbers}", "",
                f"Rule {v.rule}", ""]
-        md += [f"- {part}: **{pv.outcome}**. {pv.numbers}" for part, pv in v.parts] + ([""] if v.parts else [])
+        md += [f"- {part}: **{pv.outcome}** (patience/frac {' · '.join(f'{p}/{f:g}' for p, f in SENSITIVITY)}: "
+               f"{_outcomes(outcomes(sens[name], part))}). {pv.numbers}" for part, pv in v.parts]
+        md += [""] if v.parts else []
         md += [*cell_table([stats[c] for c in cells]), ""]
         groups = _groups(name, roles, cells)
         for title, group in groups:
@@ -260,7 +326,10 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
                   f"{'**collapsed**: ' if col['collapsed'] else ''}{col['reason']} |")
     write_text_atomic(out / "summaries.json", json.dumps(
         {"runs": done, "verdicts": {k: {"outcome": v.outcome, "numbers": v.numbers, "rule": v.rule,
-                                        "parts": {p: pv.outcome for p, pv in v.parts}} for k, v in verdicts.items()}},
+                                        "parts": {p: pv.outcome for p, pv in v.parts},
+                                        "sensitivity": _settings(outcomes(sens[k])),
+                                        "parts_sensitivity": {p: _settings(outcomes(sens[k], p)) for p, _ in v.parts},
+                                        "fragile": fragile(outcomes(sens[k]))} for k, v in verdicts.items()}},
         indent=1) + "\n")
     return write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from stablerl.config import ConfigError
+from stablerl.stats import Interval, fisher_exact, mean_ci, welch_ci
 from stablerl.study.summary import FINISHED
 
 if TYPE_CHECKING:  # types only: the study definition imports this module to check its findings' roles
@@ -57,8 +58,11 @@ class CellStats:
         return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
 
     def short(self) -> str:
+        acc = self.values("final_accuracy")
+        ci = mean_ci(acc) if len(acc) > 1 else None
         return (f"{self.name} collapsed {self.collapsed}/{self.n}, final acc {pct(self.mean('final_accuracy'))} "
-                f"± {pct(self.std('final_accuracy'))}")
+                f"± {pct(self.std('final_accuracy'))}"
+                + (f" (95% CI {pct(ci.low, '')}-{pct(ci.high)})" if ci and math.isfinite(ci.low) else ""))
 
 
 def cell_stats(name: str, summaries: list[dict], expected: int = 0) -> CellStats:
@@ -85,6 +89,8 @@ class Thresholds:
     collapses: float = 2 / 3  # a cell collapses when at least this fraction of its seeds did
     stable: float = 1 / 3  # a cell is stable when at most this fraction of its seeds did
     comparable: float = 0.05  # F5: a held-out accuracy gap below this (absolute) is comparable whatever the spread
+    alpha: float = 0.05  # a difference counts when significant at this level: Fisher's exact test on collapse
+    # counts, Welch's (1 - alpha) interval on final accuracy (issue 27; docs/reproduce.md)
 
 
 @dataclass(frozen=True)
@@ -103,20 +109,36 @@ def _few(cells: list[CellStats], th: Thresholds) -> Verdict | None:
     return None
 
 
-def _spread(a: CellStats, b: CellStats, key: str = "final_accuracy") -> tuple[float, float]:
-    """(mean of a - mean of b, the seed spread: the larger of the two standard deviations)."""
-    return a.mean(key) - b.mean(key), max(a.std(key), b.std(key))
+def fisher(a: CellStats, b: CellStats) -> float:
+    """Two-sided p of Fisher's exact test: do `a` and `b` collapse at different rates?"""
+    return fisher_exact(a.collapsed, a.n - a.collapsed, b.collapsed, b.n - b.collapsed)
+
+
+def acc_diff(a: CellStats, b: CellStats, th: Thresholds):
+    """Mean final accuracy of `a` minus `b` with Welch's (1 - alpha) interval (stablerl.stats.Interval); unbounded
+    when a side has no accuracy."""
+    xa, xb = a.values("final_accuracy"), b.values("final_accuracy")
+    return welch_ci(xa, xb, 1 - th.alpha) if xa and xb else Interval(math.nan, -math.inf, math.inf, 0)
+
+
+def _diff_text(ci, th: Thresholds) -> str:
+    return (f"difference {100 * ci.mean:+.1f} points ({100 * (1 - th.alpha):g}% Welch CI {100 * ci.low:+.1f} to "
+            f"{100 * ci.high:+.1f})")
 
 
 def contrast(fails: CellStats, holds: CellStats, th: Thresholds = Thresholds()) -> Verdict:
-    """`fails` collapses and `holds` does not: supported if `fails` collapsed in >= 2/3 of its seeds and `holds` in
-    <= 1/3; not supported if `fails` collapsed in <= 1/3 (it did not collapse); inconclusive otherwise (both
-    collapse: the setting is too hard to tell; or rates in between), or with fewer than 3 seeds in either."""
-    nums = f"{fails.short()}; {holds.short()}"
+    """`fails` collapses and `holds` does not: supported if `fails` collapsed in >= 2/3 of its seeds, `holds` in
+    <= 1/3, and the two rates differ significantly (Fisher's exact test, two-sided p <= alpha = 0.05: 3 seeds a side
+    can never reach it, 9 can); not supported if `fails` collapsed in <= 1/3 (it did not collapse); inconclusive
+    otherwise (both collapse: the setting is too hard to tell; rates in between; or not significant), or with fewer
+    than 3 seeds in either."""
+    p = fisher(fails, holds)
+    nums = f"{fails.short()}; {holds.short()}; Fisher p = {p:.3g}"
     if v := _few([fails, holds], th):
         return Verdict(v.outcome, f"{v.numbers}; {nums}")
     if fails.rate >= th.collapses and holds.rate <= th.stable:
-        return Verdict("supported", nums)
+        return Verdict("supported", nums) if p <= th.alpha else Verdict(
+            "inconclusive", f"the rates differ as the rule asks but not significantly (p > {th.alpha:g}); {nums}")
     if fails.rate <= th.stable:
         return Verdict("not supported", nums)
     return Verdict("inconclusive", nums)
@@ -130,44 +152,53 @@ def collapses_without(without: CellStats, baseline: CellStats, th: Thresholds = 
 
 
 def most_stable(baseline: CellStats, peers: list[CellStats], th: Thresholds = Thresholds()) -> Verdict:
-    """F1: on-policy, MiniRL is the most stable. Supported if the baseline collapsed in <= 1/3 of its seeds, no peer
-    collapsed less often, and at least one peer collapsed in >= 2/3 of its seeds. Not supported if the baseline
-    collapsed in more than 1/3 of its seeds or some peer collapsed less often. Inconclusive otherwise (no peer
-    collapses: the setting does not separate them) or with fewer than 3 seeds in any cell."""
-    nums = "; ".join(c.short() for c in [baseline, *peers])
+    """F1: on-policy, MiniRL is the most stable. Not supported if the baseline collapsed in more than 1/3 of its
+    seeds, or some peer collapsed less often, significantly (Fisher p <= alpha). Supported if the baseline collapsed
+    in <= 1/3, and at least one peer collapsed in >= 2/3 of its seeds, significantly more often than the baseline
+    (Fisher p <= alpha). Inconclusive otherwise (no peer collapses: the setting does not separate them; or the
+    differences are not significant) or with fewer than 3 seeds in any cell."""
+    ps = [fisher(baseline, q) for q in peers]
+    nums = "; ".join([baseline.short(), *(f"{q.short()} (Fisher p = {p:.3g} vs {baseline.name})"
+                                          for q, p in zip(peers, ps))])
     if v := _few([baseline, *peers], th):
         return Verdict(v.outcome, f"{v.numbers}; {nums}")
-    if baseline.rate > th.stable or any(p.rate < baseline.rate for p in peers):
+    if baseline.rate > th.stable or any(q.rate < baseline.rate and p <= th.alpha for q, p in zip(peers, ps)):
         return Verdict("not supported", nums)
-    if any(p.rate >= th.collapses for p in peers):
+    if any(q.rate >= th.collapses and p <= th.alpha for q, p in zip(peers, ps)):
         return Verdict("supported", nums)
-    return Verdict("inconclusive", "no peer collapsed in most seeds; " + nums)
+    why = ("no peer collapsed in most seeds" if not any(q.rate >= th.collapses for q in peers)
+           else f"no peer collapsed significantly more often (p > {th.alpha:g})")
+    return Verdict("inconclusive", f"{why}; {nums}")
 
 
 def learns_worse(baseline: CellStats, variant: CellStats, th: Thresholds = Thresholds()) -> Verdict:
-    """F3: length normalisation learns worse. With d = mean final held-out accuracy of the baseline minus the
-    variant's and s = the larger of their standard deviations over seeds: supported if d > s, or the variant
-    collapses (>= 2/3 of seeds) while the baseline is stable (<= 1/3); not supported if -d > s (the variant is
-    better); inconclusive if |d| <= s (within the seed spread) or with fewer than 3 seeds."""
-    d, s = _spread(baseline, variant)
-    nums = f"{baseline.short()}; {variant.short()}; difference {100 * d:+.1f} points, seed spread {100 * s:.1f}"
+    """F3: length normalisation learns worse, judged only where the baseline learns: inconclusive if the baseline
+    collapsed in more than 1/3 of its seeds (the comparison would restate F1) or with fewer than 3 seeds. With d =
+    the baseline's mean final held-out accuracy minus the variant's and Welch's (1 - alpha) interval on d: supported
+    if the interval lies above 0, or the variant collapsed in >= 2/3 of its seeds significantly more often (Fisher p
+    <= alpha); not supported if the interval lies below 0 (the variant is better); inconclusive if it holds 0."""
+    ci, p = acc_diff(baseline, variant, th), fisher(variant, baseline)
+    nums = f"{baseline.short()}; {variant.short()}; {_diff_text(ci, th)}; Fisher p = {p:.3g}"
     if v := _few([baseline, variant], th):
         return Verdict(v.outcome, f"{v.numbers}; {nums}")
-    if d > s or (variant.rate >= th.collapses and baseline.rate <= th.stable):
+    if baseline.rate > th.stable:
+        return Verdict("inconclusive", f"the baseline is not stable (it collapsed in {baseline.collapsed}/"
+                                       f"{baseline.n} seeds); {nums}")
+    if ci.low > 0 or (variant.rate >= th.collapses and p <= th.alpha):
         return Verdict("supported", nums)
-    if -d > s:
+    if ci.high < 0:
         return Verdict("not supported", nums)
-    return Verdict("inconclusive", "within the seed spread; " + nums)
+    return Verdict("inconclusive", "the interval holds 0; " + nums)
 
 
 def compare(a: CellStats, b: CellStats, th: Thresholds = Thresholds()) -> int:
-    """+1 if `a` is better than `b`: it collapsed less often by at least 1/3 of the seeds, or (collapse rates
-    closer than that) its mean final accuracy is higher by more than the seed spread; -1 if `b` is better; 0 if
-    neither."""
-    if abs(a.rate - b.rate) >= th.stable - 1e-9:
+    """+1 if `a` is better than `b`: it collapsed less often by at least 1/3 of the seeds, significantly (Fisher p <=
+    alpha), or (rates not that different) its mean final accuracy is higher with Welch's (1 - alpha) interval above 0;
+    -1 if `b` is better; 0 if neither."""
+    if abs(a.rate - b.rate) >= th.stable - 1e-9 and fisher(a, b) <= th.alpha:
         return 1 if a.rate < b.rate else -1
-    d, s = _spread(a, b)
-    return 0 if abs(d) <= s else 1 if d > 0 else -1
+    ci = acc_diff(a, b, th)
+    return 1 if ci.low > 0 else -1 if ci.high < 0 else 0
 
 
 def _pool(name: str, cells: list[CellStats]) -> CellStats:
