@@ -138,6 +138,24 @@ def test_shipped_studies_expand_and_validate():
         assert all(r.config.engine.numerics == "fp8" for r in runs if r.kind == "train" and "bf16" not in r.cell)
         assert {r.config.train.lr for r in runs if r.cell == "minirl"} == {3e-4}
         assert {r.config.train.lr for r in runs if r.cell.startswith("offpolicy_")} == {8e-5}
+    # issue 27: the F1-F3 cells of each IS estimator run 9 seeds, the peers the study's 3
+    nine = {r.cell for r in expand(full, "runs/reproduce") if r.seed == 8}
+    assert nine == {"minirl", "minirl_no_is", "minirl_lennorm", "minirl_truncate", "minirl_mask",
+                    "minirl_lennorm_truncate", "minirl_lennorm_mask"}
+    assert {(r.config.algo.is_rule, r.config.algo.loss) for r in expand(full, "x", cells=["minirl_truncate"])
+            if r.kind == "train"} == {
+        ("truncate", "minirl")}
+
+
+def test_smollm2_is_study_expands_on_the_recipe():
+    # issue 26: the 9-run IS study on SmolLM2 takes the recipe as its base and changes only the engine and estimator
+    study = load_study(Path(__file__).parent.parent / "recipes" / "smollm2_is.yaml")
+    runs = expand(study, "runs/study")
+    assert len(runs) == 9 and all(r.config.engine.numerics == "fp8" and r.config.train.lr == 5e-6 for r in runs)
+    assert all(r.config.model == "smollm2" and r.config.task.chat_template for r in runs)
+    assert {(r.cell, r.config.algo.loss, r.config.algo.is_rule) for r in runs if r.seed == 0} == {
+        ("minirl", "minirl", "none"), ("minirl_truncate", "minirl", "truncate"),
+        ("minirl_no_is", "minirl_no_is", "none")}
 
 
 @pytest.mark.parametrize("cores, jobs, threads, want", [
