@@ -75,12 +75,12 @@ def test_collapse_rule_parameters_and_aborted_runs():
     assert got.collapsed and got.step == 14 and "NaN guard" in got.reason
 
 
-def write_run(d: Path, curve, evals=None, steps=None, seed=0, log=""):
+def write_run(d: Path, curve, evals=None, steps=None, seed=0, log="", extra=None):
     d.mkdir(parents=True)
     cfg = {"seed": seed, "train": {"steps": steps or len(curve), "max_bad_steps": 3},
            "algo": {"loss": "minirl", "replay": "none"}, "engine": {"numerics": "bf16"}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(curve, evals)))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(curve, evals, extra)))
     if log:
         (d / "train.log").write_text(log)
 
@@ -316,6 +316,35 @@ def test_rule_sensitivity_marks_a_verdict_that_flips_fragile(tmp_path):
     assert saved["fragile"] is True and saved["sensitivity"] == {
         "patience=10,frac=0.5": "supported", "patience=10,frac=0.3": "not supported",
         "patience=20,frac=0.5": "supported", "patience=20,frac=0.3": "not supported"}
+
+
+DOSE = """\
+name: dose
+seeds: [0, 1]
+sweeps:
+  dose:
+    axes:
+      level: {low: [], high: [engine.weight_bits=4]}
+      estimator: {no_is: [algo.loss=minirl_no_is], truncate: [algo.is_rule=truncate]}
+"""
+
+
+def test_dose_response_against_the_measured_k3(tmp_path):
+    d = tmp_path / "out" / "dose"
+    d.mkdir(parents=True)
+    (d / "study.yaml").write_text(DOSE)
+    for s in range(2):
+        for cell, k3, curve, acc in (("low_no_is", 1e-3, RISE, 0.9), ("low_truncate", 1e-3, RISE, 0.92),
+                                     ("high_no_is", 3e-2, COLLAPSE if s == 0 else RISE, 0.2 if s == 0 else 0.8),
+                                     ("high_truncate", 2e-2, RISE, 0.9)):
+            write_run(d / f"dose_{cell}" / f"seed{s}", curve, {0: 0.3, 60: acc}, seed=s, extra={"kl/k3": k3})
+    md = write_report([d], tmp_path / "rep").read_text()
+    assert "## Dose-response: dose" in md and "![dose-response dose](dose_dose.png)" in md
+    assert "| low | 1.0e-03 · 0/2 · 90.0 (90.0–90.0) | 1.0e-03 · 0/2 · 92.0 (92.0–92.0) |" in md
+    # (0.2, 0.8): mean 0.5, sd 0.4243, t(0.975, 1) = 12.706: 0.5 +- 12.706 * 0.4243 / sqrt(2) = 0.5 +- 3.812
+    assert "| high | 0.030 · 1/2 · 50.0 (-331.2–431.2) | 0.020 · 0/2 · 90.0 (90.0–90.0) |" in md
+    assert (tmp_path / "rep" / "dose_dose.png").read_bytes().startswith(PNG)
+    assert "## Cells" not in md  # the sweep's cells are drawn by the dose-response, not again as plain cells
 
 
 def test_report_cli_on_plain_run_directories(tmp_path, capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 from stablerl.errors import UserError
 from stablerl.metrics import METRIC, METRICS, read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
+from stablerl.stats import mean_ci, wilson
 from stablerl.study.definition import Study, load_study
 from stablerl.study.leadtime import CellCurve, Curve, fair_markdown, judge_fairly, markdown, rank_signals
 from stablerl.study.summary import (
@@ -296,8 +297,9 @@ def write_report(dirs: list[Path], out: Path, study_path: str | None = None, th:
         plotted |= set(cells)
     if study is not None:
         md += phase_maps(study, stats, out)
-        plotted |= {c.name for c in study.cells.values() if c.sweep and all(a in study.sweeps[c.sweep]
-                                                                               for a in PHASE_AXES)}
+        md += dose_response(study, stats, out)
+        plotted |= {c.name for c in study.cells.values() if c.sweep and (
+            all(a in study.sweeps[c.sweep] for a in PHASE_AXES) or all(a in study.sweeps[c.sweep] for a in DOSE_AXES))}
     md += replay_bias([stats[c] for c in order], out)
     rest = [c for c in order if c not in plotted]
     if rest:
@@ -381,6 +383,65 @@ def phase_maps(study: Study, stats: dict[str, CellStats], out: Path) -> list[str
             md.append("")
         png = save_png(fig, out / f"phase_{_slug(sweep)}.png", dpi=100)
         md += [f"![phase diagram {sweep}]({png.name})", ""]
+    return md
+
+
+DOSE_AXES = ("level", "estimator")  # a sweep with both axes is drawn as a dose-response (issue 27)
+
+
+def dose_response(study: Study, stats: dict[str, CellStats], out: Path) -> list[str]:
+    """For each sweep over a discrepancy `level` x IS `estimator`: collapse rate (Wilson 95% interval) and mean final
+    accuracy (t 95% interval) against the k3 measured in each cell (its runs' mean `kl_k3_mean`, not the level's
+    name), one line per estimator; and the table behind it."""
+    md = []
+    for sweep, axes in study.sweeps.items():
+        if not all(a in axes for a in DOSE_AXES):
+            continue
+        cells = {(dict(c.axes)["level"], dict(c.axes)["estimator"]): stats.get(c.name) or CellStats(c.name)
+                 for c in study.cells.values() if c.sweep == sweep}
+        levels, ests = list(axes["level"]), list(axes["estimator"])
+        fig, axs = panel_axes(2, 5.0, 3.8)
+        ax_rate, ax_acc = axs[:2]
+        for est in ests:
+            pts = sorted((g.mean("kl_k3_mean"), g) for lv in levels if (g := cells.get((lv, est))) and g.n
+                         and not math.isnan(g.mean("kl_k3_mean")))
+            if not pts:
+                continue
+            x = [k for k, _ in pts]
+            w = [wilson(g.collapsed, g.n) for _, g in pts]
+            ax_rate.errorbar(x, [i.mean for i in w], yerr=[[i.mean - i.low for i in w], [i.high - i.mean for i in w]],
+                             marker="o", capsize=3, label=est)
+            acc = [(g.values("final_accuracy"), g) for _, g in pts]
+            ci = [mean_ci(v) if len(v) > 1 else None for v, _ in acc]
+            ys = [g.mean("final_accuracy") for _, g in acc]
+            err = [[0 if c is None else y - c.low for y, c in zip(ys, ci)], [0 if c is None else c.high - y
+                                                                              for y, c in zip(ys, ci)]]
+            ax_acc.errorbar(x, ys, yerr=err, marker="o", capsize=3, label=est)
+        for ax, title in ((ax_rate, "collapse rate (Wilson 95%)"), (ax_acc, "final held-out accuracy (t 95%)")):
+            ax.set_xscale("log")
+            ax.set_xlabel("train-inference k3, measured (mean over the cell's runs)", fontsize=8)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            ax.tick_params(labelsize=7)
+        png = save_png(fig, out / f"dose_{_slug(sweep)}.png", dpi=100)
+        md += [f"## Dose-response: {sweep}", "", "The discrepancy dial (`level`, rows: the k3 measured in each cell) "
+               "against the IS estimator (columns): collapsed k/n and mean final held-out accuracy with its t 95% "
+               "interval.", "",
+               "| level | " + " | ".join(f"{e}: k3 · collapsed · final acc" for e in ests) + " |",
+               "|---|" + "---|" * len(ests)]
+        for lv in levels:
+            row = []
+            for est in ests:
+                g = cells.get((lv, est)) or CellStats("")
+                v = g.values("final_accuracy")
+                ci = mean_ci(v) if len(v) > 1 else None
+                acc = pct(g.mean("final_accuracy"), "", "–") + (
+                    f" ({pct(ci.low, '')}–{pct(ci.high, '')})" if ci and math.isfinite(ci.low) else "")
+                row.append(f"{_fmt(g.mean('kl_k3_mean'))} · {g.collapsed}/{g.n} · {acc}")
+            md.append(f"| {lv} | " + " | ".join(row) + " |")
+        md += ["", f"![dose-response {sweep}]({png.name})", ""]
     return md
 
 
