@@ -135,9 +135,15 @@ def test_shipped_studies_expand_and_validate():
         assert {r.cell for r in runs if r.kind == "sft"} == colds
         assert len(study.seeds) >= 3 and set(study.findings) >= {"F1", "F2", "F3", "F4", "F5"}
         # the stress setting: the fp8 engine everywhere; on-policy at 3e-4, the off-policy grid at 8e-5
-        assert all(r.config.engine.numerics == "fp8" for r in runs if r.kind == "train" and "bf16" not in r.cell)
+        assert all(r.config.engine.numerics == "fp8" for r in runs
+                   if r.kind == "train" and "bf16" not in r.cell and not r.cell.startswith("dose_"))
         assert {r.config.train.lr for r in runs if r.cell == "minirl"} == {3e-4}
         assert {r.config.train.lr for r in runs if r.cell.startswith("offpolicy_")} == {8e-5}
+    # issue 27: the dose-response at the stable lr: 5 engine levels x 3 estimators, 120 steps
+    dose = [r for r in expand(full, "x") if r.cell.startswith("dose_")]
+    assert len(dose) == 5 * 3 * 3 and {(r.config.train.lr, r.config.train.steps) for r in dose} == {(8e-5, 120)}
+    assert {(r.config.engine.numerics, r.config.engine.weight_bits) for r in dose} == {
+        ("fp32", 0), ("fp8", 0), ("fp32", 5), ("fp32", 4), ("fp32", 3)}
     # issue 27: the F1-F3 cells of each IS estimator run 9 seeds, the peers the study's 3
     nine = {r.cell for r in expand(full, "runs/reproduce") if r.seed == 8}
     assert nine == {"minirl", "minirl_no_is", "minirl_lennorm", "minirl_truncate", "minirl_mask",
