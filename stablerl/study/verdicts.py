@@ -114,14 +114,14 @@ def fisher(a: CellStats, b: CellStats) -> float:
     return fisher_exact(a.collapsed, a.n - a.collapsed, b.collapsed, b.n - b.collapsed)
 
 
-def acc_diff(a: CellStats, b: CellStats, th: Thresholds):
+def acc_diff(a: CellStats, b: CellStats, th: Thresholds) -> Interval:
     """Mean final accuracy of `a` minus `b` with Welch's (1 - alpha) interval (stablerl.stats.Interval); unbounded
     when a side has no accuracy."""
     xa, xb = a.values("final_accuracy"), b.values("final_accuracy")
     return welch_ci(xa, xb, 1 - th.alpha) if xa and xb else Interval(math.nan, -math.inf, math.inf, 0)
 
 
-def _diff_text(ci, th: Thresholds) -> str:
+def _diff_text(ci: Interval, th: Thresholds) -> str:
     return (f"difference {100 * ci.mean:+.1f} points ({100 * (1 - th.alpha):g}% Welch CI {100 * ci.low:+.1f} to "
             f"{100 * ci.high:+.1f})")
 
