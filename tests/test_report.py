@@ -12,8 +12,9 @@ import yaml
 
 from stablerl.cli import main
 from stablerl.errors import UserError
+from stablerl.metrics import read_metrics
 from stablerl.stats import fisher_exact
-from stablerl.study.report import plan_copy, write_report
+from stablerl.study.report import find_runs, judge, plan_copy, rejudge, write_report
 from stablerl.study.summary import CollapseRule, aborted, detect_collapse, run_status, summarize_run
 from stablerl.study.verdicts import (
     CellStats,
@@ -316,6 +317,23 @@ def test_rule_sensitivity_marks_a_verdict_that_flips_fragile(tmp_path):
     assert saved["fragile"] is True and saved["sensitivity"] == {
         "patience=10,frac=0.5": "supported", "patience=10,frac=0.3": "not supported",
         "patience=20,frac=0.5": "supported", "patience=20,frac=0.3": "not supported"}
+
+
+def test_rejudging_from_read_rows_equals_judging_from_the_files(tmp_path):
+    # the sensitivity table re-detects collapses from the rows already read: the same verdicts and collapses as a
+    # full recomputation of every summary under that rule
+    d = make_study(tmp_path)
+    study, runs, _ = find_runs([d])
+    base = judge(study, runs, CollapseRule(), Thresholds())
+    metrics = {f.run_dir: read_metrics(f.run_dir / "metrics.jsonl") for f in runs}
+    for rule in (CollapseRule(patience=20), CollapseRule(frac=0.3), CollapseRule(min_best=0.9)):
+        fast, full = rejudge(study, runs, base, metrics, rule, Thresholds()), judge(study, runs, rule, Thresholds())
+        assert [s["collapse"] for s in fast.summaries] == [s["collapse"] for s in full.summaries]
+        assert fast.verdicts == full.verdicts
+    # the last rule above does change the collapses, so the comparison is not vacuous
+    strict = judge(study, runs, CollapseRule(min_best=0.9), Thresholds())  # best reward 0.8: nothing can collapse
+    assert [s["collapse"]["collapsed"] for s in strict.summaries] != [s["collapse"]["collapsed"]
+                                                                     for s in base.summaries]
 
 
 DOSE = """\
