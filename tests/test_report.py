@@ -273,6 +273,8 @@ def test_report_markdown_tables_verdicts_and_pngs(tmp_path):
     assert ("**Verdict: inconclusive.** the rates differ as the rule asks but not significantly (p > 0.05); "
             "minirl_no_is collapsed 2/3") in md and "Rule `collapses_without`:" in md
     assert "fewer than 3 finished seeds: lennorm (2)" in md
+    # final 90, 91, 92 %: mean 91, sd 1, t(0.975, 2) = 4.303: 91 +- 4.303 / sqrt(3) = 91 +- 2.48
+    assert "minirl collapsed 0/3, final acc 91.0% ± 1.0% (95% CI 88.5 to 93.5%)" in md
     assert "| minirl | 3 | 0/3 | 91.0 ± 1.0 |" in md  # final accuracy 90, 91, 92 %: mean ± sample std
     assert "| lennorm | 2 (+1 missing) | 0/2 |" in md
     assert "| mix | long:0.5,answer:0.5 | 33.0% |" in md and "**collapsed**: smoothed reward" in md
@@ -358,9 +360,9 @@ def test_dose_response_against_the_measured_k3(tmp_path):
             write_run(d / f"dose_{cell}" / f"seed{s}", curve, {0: 0.3, 60: acc}, seed=s, extra={"kl/k3": k3})
     md = write_report([d], tmp_path / "rep").read_text()
     assert "## Dose-response: dose" in md and "![dose-response dose](dose_dose.png)" in md
-    assert "| low | 1.0e-03 · 0/2 · 90.0 (90.0–90.0) | 1.0e-03 · 0/2 · 92.0 (92.0–92.0) |" in md
+    assert "| low | 1.0e-03 · 0/2 · 90.0 (90.0 to 90.0) | 1.0e-03 · 0/2 · 92.0 (92.0 to 92.0) |" in md
     # (0.2, 0.8): mean 0.5, sd 0.4243, t(0.975, 1) = 12.706: 0.5 +- 12.706 * 0.4243 / sqrt(2) = 0.5 +- 3.812
-    assert "| high | 0.030 · 1/2 · 50.0 (-331.2–431.2) | 0.020 · 0/2 · 90.0 (90.0–90.0) |" in md
+    assert "| high | 0.030 · 1/2 · 50.0 (-331.2 to 431.2) | 0.020 · 0/2 · 90.0 (90.0 to 90.0) |" in md
     assert (tmp_path / "rep" / "dose_dose.png").read_bytes().startswith(PNG)
     assert "## Cells" not in md  # the sweep's cells are drawn by the dose-response, not again as plain cells
 

@@ -438,7 +438,7 @@ def dose_response(study: Study, stats: dict[str, CellStats], out: Path) -> list[
                 v = g.values("final_accuracy")
                 ci = mean_ci(v) if len(v) > 1 else None
                 acc = pct(g.mean("final_accuracy"), "", "–") + (
-                    f" ({pct(ci.low, '')}–{pct(ci.high, '')})" if ci and math.isfinite(ci.low) else "")
+                    f" ({pct(ci.low, '')} to {pct(ci.high, '')})" if ci and math.isfinite(ci.low) else "")
                 row.append(f"{_fmt(g.mean('kl_k3_mean'))} · {g.collapsed}/{g.n} · {acc}")
             md.append(f"| {lv} | " + " | ".join(row) + " |")
         md += ["", f"![dose-response {sweep}]({png.name})", ""]

@@ -62,7 +62,7 @@ class CellStats:
         ci = mean_ci(acc) if len(acc) > 1 else None
         return (f"{self.name} collapsed {self.collapsed}/{self.n}, final acc {pct(self.mean('final_accuracy'))} "
                 f"± {pct(self.std('final_accuracy'))}"
-                + (f" (95% CI {pct(ci.low, '')}-{pct(ci.high)})" if ci and math.isfinite(ci.low) else ""))
+                + (f" (95% CI {pct(ci.low, '')} to {pct(ci.high)})" if ci and math.isfinite(ci.low) else ""))
 
 
 def cell_stats(name: str, summaries: list[dict], expected: int = 0) -> CellStats:
