@@ -3,6 +3,7 @@ synthetic cells, and the Markdown + PNG rendering; the report side never imports
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -365,6 +366,14 @@ def test_dose_response_against_the_measured_k3(tmp_path):
     assert "| high | 0.030 · 1/2 · 50.0 (-331.2 to 431.2) | 0.020 · 0/2 · 90.0 (90.0 to 90.0) |" in md
     assert (tmp_path / "rep" / "dose_dose.png").read_bytes().startswith(PNG)
     assert "## Cells" not in md  # the sweep's cells are drawn by the dose-response, not again as plain cells
+    # a sweep without runs yet: one line that says how to run it, no empty plot
+    for cell in ("low_no_is", "low_truncate", "high_no_is", "high_truncate"):
+        shutil.rmtree(d / f"dose_{cell}")
+    (tmp_path / "rep" / "dose_dose.png").unlink()
+    write_run(d / "other" / "seed0", RISE, {0: 0.3, 60: 0.9})
+    md = write_report([d], tmp_path / "rep").read_text()
+    assert "No finished runs of the 4 cells yet (`stablerl reproduce --full --cells 'dose_*'`)." in md
+    assert not (tmp_path / "rep" / "dose_dose.png").exists()
 
 
 def test_report_cli_on_plain_run_directories(tmp_path, capsys):

@@ -400,6 +400,10 @@ def dose_response(study: Study, stats: dict[str, CellStats], out: Path) -> list[
         cells = {(dict(c.axes)["level"], dict(c.axes)["estimator"]): stats.get(c.name) or CellStats(c.name)
                  for c in study.cells.values() if c.sweep == sweep}
         levels, ests = list(axes["level"]), list(axes["estimator"])
+        if not any(g.n for g in cells.values()):
+            md += [f"## Dose-response: {sweep}", "", f"No finished runs of the {len(cells)} cells yet "
+                   f"(`stablerl reproduce --full --cells '{sweep}_*'`).", ""]
+            continue
         fig, axs = panel_axes(2, 5.0, 3.8)
         ax_rate, ax_acc = axs[:2]
         for est in ests:
