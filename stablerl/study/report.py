@@ -229,8 +229,9 @@ def outcomes(by_setting: dict[tuple[int, float], Verdict], part: str | None = No
     return {k: (dict(v.parts)[part] if part else v).outcome for k, v in by_setting.items()}
 
 
-def fragile(outcomes: dict[tuple[int, float], str]) -> bool:
-    return len(set(outcomes.values())) > 1
+def fragile(by: dict[tuple[int, float], str]) -> bool:
+    """True when the outcomes under the SENSITIVITY settings differ."""
+    return len(set(by.values())) > 1
 
 
 def _outcomes(by: dict[tuple[int, float], str]) -> str:
@@ -407,8 +408,8 @@ def dose_response(study: Study, stats: dict[str, CellStats], out: Path) -> list[
         fig, axs = panel_axes(2, 5.0, 3.8)
         ax_rate, ax_acc = axs[:2]
         for est in ests:
-            pts = sorted((g.mean("kl_k3_mean"), g) for lv in levels if (g := cells.get((lv, est))) and g.n
-                         and not math.isnan(g.mean("kl_k3_mean")))
+            pts = sorted(((g.mean("kl_k3_mean"), g) for lv in levels if (g := cells.get((lv, est))) and g.n
+                          and not math.isnan(g.mean("kl_k3_mean"))), key=lambda p: p[0])  # by k3 (ties: level order)
             if not pts:
                 continue
             x = [k for k, _ in pts]
