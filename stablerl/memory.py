@@ -33,16 +33,19 @@ def _status_kib(field: str, path: str = "/proc/self/status") -> int | None:
     return None
 
 
+def _status_gib(field: str) -> float | None:
+    kib = _status_kib(field)
+    return None if kib is None else kib * 1024 / GIB
+
+
 def rss_gib() -> float | None:
     """The process's resident set now (VmRSS), GiB; None where /proc is not there (not Linux)."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024 / GIB
+    return _status_gib("VmRSS")
 
 
 def peak_gib() -> float | None:
     """The process's largest resident set so far (VmHWM: the high-water mark, inside steps too), GiB; None off Linux."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024 / GIB
+    return _status_gib("VmHWM")
 
 
 class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 `struct mallinfo2`, summed over every arena
@@ -97,7 +100,7 @@ def activation_bytes_per_token(mc, checkpointing: bool = False) -> int:
     and residual) plus 4 per MLP hidden unit (gate, up, their activation and product; MoE: k experts' worth, their
     gathered inputs and outputs and the router's logits). With activation checkpointing only each layer's input is
     kept, plus one layer's worth while it is recomputed. SmolLM2-135M: 1.57 MB per token, against the ~1.5-1.7 MB its
-    128-row steps used (docs/log.md 2026-12-07)."""
+    128-row steps used (docs/log.md 2026-12-06, night session)."""
     h, L = mc.hidden_size, mc.num_hidden_layers
     moe = set(mc.moe_layers)
     def layer(i: int) -> int:
@@ -111,7 +114,7 @@ def activation_bytes_per_token(mc, checkpointing: bool = False) -> int:
 
 def rows_per_pass(mc, seq_len: int, budget_gib: float, checkpointing: bool = False) -> int:
     """Rows of `seq_len` tokens one forward/backward may hold so its saved activations stay under `budget_gib`
-    (train.activation_gib; >= 1), 0 = no limit (budget 0): train.micro_batch_size=0 resolves to this each step, so
+    (train.activation_gib), at least 1; 0 = no limit (budget 0): train.micro_batch_size=0 resolves to this each step, so
     a pretrained model's 128-row step is split in micro-batches while the tiny MoE's fits in one pass."""
     if budget_gib <= 0:
         return 0

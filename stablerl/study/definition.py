@@ -82,6 +82,11 @@ class Study:
     text: str = ""  # the file as written, copied next to the runs
     lines: dict[tuple, str] = field(default_factory=dict, repr=False)  # key path -> "file:line: "
 
+    def seeds_of(self, cell: str) -> tuple[int, ...]:
+        """The seeds the study runs for `cell`: its own, else the study's (also for a cell it does not define)."""
+        c = self.cells.get(cell)
+        return (c.seeds if c else None) or self.seeds
+
 
 @dataclass(frozen=True)
 class Run:
@@ -330,7 +335,7 @@ def expand(study: Study, out: str | Path, extra: list[str] | tuple[str, ...] = (
     for n in chosen:
         cell = study.cells[n]
         cold = None if cell.init is None else f"{study.name}/cold/{cell.init}"
-        for s in cell.seeds or study.seeds:
+        for s in study.seeds_of(n):
             name = f"{study.name}/{n}/seed{s}"
             ov = [*cell.overrides, f"seed={s}", f"out_dir={root}", f"name={name}"]
             if cold is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from stablerl.errors import UserError
 from stablerl.metrics import METRIC, METRICS, read_metrics
 from stablerl.plots import finish_panel, panel_axes, save_png
-from stablerl.stats import mean_ci, wilson
+from stablerl.stats import wilson
 from stablerl.study.definition import Study, load_study
 from stablerl.study.leadtime import CellCurve, Curve, fair_markdown, judge_fairly, markdown, rank_signals
 from stablerl.study.summary import (
@@ -186,11 +186,8 @@ def _judged(study: Study | None, runs: list[Found], summaries: list[dict], th: T
         by_cell.setdefault(f.cell, []).append(s)
     order = [c for c in (study.cells if study else []) if c in by_cell] + [c for c in by_cell
                                                                             if not study or c not in study.cells]
-    def expected(c: str) -> int:  # the seeds the study defines for cell c
-        cell = study.cells.get(c) if study else None
-        return len(cell.seeds or study.seeds) if cell else len(study.seeds) if study else 0
-
-    stats = {c: cell_stats(c, by_cell.get(c, []), expected(c)) for c in [*(study.cells if study else []), *order]}
+    stats = {c: cell_stats(c, by_cell.get(c, []), len(study.seeds_of(c)) if study else 0)
+             for c in [*(study.cells if study else []), *order]}
     return Judgement(summaries, by_cell, order, stats, evaluate_findings(study, stats, th) if study else {})
 
 
@@ -416,9 +413,8 @@ def dose_response(study: Study, stats: dict[str, CellStats], out: Path) -> list[
             w = [wilson(g.collapsed, g.n) for _, g in pts]
             ax_rate.errorbar(x, [i.mean for i in w], yerr=[[i.mean - i.low for i in w], [i.high - i.mean for i in w]],
                              marker="o", capsize=3, label=est)
-            acc = [(g.values("final_accuracy"), g) for _, g in pts]
-            ci = [mean_ci(v) if len(v) > 1 else None for v, _ in acc]
-            ys = [g.mean("final_accuracy") for _, g in acc]
+            ci = [g.acc_ci() for _, g in pts]
+            ys = [g.mean("final_accuracy") for _, g in pts]
             err = [[0 if c is None else y - c.low for y, c in zip(ys, ci)], [0 if c is None else c.high - y
                                                                               for y, c in zip(ys, ci)]]
             ax_acc.errorbar(x, ys, yerr=err, marker="o", capsize=3, label=est)
@@ -440,10 +436,9 @@ def dose_response(study: Study, stats: dict[str, CellStats], out: Path) -> list[
             row = []
             for est in ests:
                 g = cells.get((lv, est)) or CellStats("")
-                v = g.values("final_accuracy")
-                ci = mean_ci(v) if len(v) > 1 else None
-                acc = pct(g.mean("final_accuracy"), "", "–") + (
-                    f" ({pct(ci.low, '')} to {pct(ci.high, '')})" if ci and math.isfinite(ci.low) else "")
+                ci = g.acc_ci()
+                acc = pct(g.mean("final_accuracy"), "", "–") + (f" ({pct(ci.low, '')} to {pct(ci.high, '')})"
+                                                                 if ci else "")
                 row.append(f"{_fmt(g.mean('kl_k3_mean'))} · {g.collapsed}/{g.n} · {acc}")
             md.append(f"| {lv} | " + " | ".join(row) + " |")
         md += ["", f"![dose-response {sweep}]({png.name})", ""]

@@ -57,12 +57,16 @@ class CellStats:
         v = self.values(key)
         return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
 
-    def short(self) -> str:
+    def acc_ci(self) -> Interval | None:
+        """Mean final held-out accuracy over seeds with its t 95% interval; None with fewer than 2 seeds."""
         acc = self.values("final_accuracy")
-        ci = mean_ci(acc) if len(acc) > 1 else None
+        return mean_ci(acc) if len(acc) > 1 else None
+
+    def short(self) -> str:
+        ci = self.acc_ci()
         return (f"{self.name} collapsed {self.collapsed}/{self.n}, final acc {pct(self.mean('final_accuracy'))} "
                 f"± {pct(self.std('final_accuracy'))}"
-                + (f" (95% CI {pct(ci.low, '')} to {pct(ci.high)})" if ci and math.isfinite(ci.low) else ""))
+                + (f" (95% CI {pct(ci.low, '')} to {pct(ci.high)})" if ci else ""))
 
 
 def cell_stats(name: str, summaries: list[dict], expected: int = 0) -> CellStats:
